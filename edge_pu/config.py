@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,14 +39,18 @@ class TeacherConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
     api_key_env: str = ""  # name of the environment variable holding the key (never the key)
+    api_key_file: str = ""  # or a file holding the key (a mounted secret); never the key itself
     path: str = ""  # hf: model dir; gguf: .gguf file; file: anchors JSONL
     system_prompt: str = ""
-    max_tokens: int = 256
+    max_tokens: int = 256  # per answer (the API's max_tokens); part of every anchor's key
     temperature: float = 0.0
     timeout_s: float = 60.0
     retries: int = 4
     backoff_s: float = 1.0
-    max_calls: int = 0  # 0 = no budget; otherwise never exceeded, across restarts
+    max_calls: int = 0  # requests, retries included; 0 = no budget; never exceeded, ever
+    # Tokens (the server's usage.total_tokens, summed over requests); 0 = no budget. Named
+    # token_budget because max_tokens is already the per-answer length. See edge_pu.anchors.
+    token_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    prompt_batch: int = 8  # prompts decoded together (each with its K rows)
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("auto", "cpu", "cuda", "mlx"),
 }
 POSITIVE = ("sampling.k", "sampling.max_new_tokens", "train.batch_size", "train.micro_batch",
-            "train.rounds", "lora.r", "student.max_length", "ranker.batch_size")
+            "train.rounds", "sampling.prompt_batch", "lora.r", "student.max_length", "ranker.batch_size")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -163,6 +171,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             num = typ(value) if not isinstance(value, str) else typ(float(value))
         except (TypeError, ValueError):
             raise EdgePuError(f"{where}: expected a number, got {value!r}.") from None
+        if not math.isfinite(num):
+            raise EdgePuError(f"{where}: expected a finite number, got {value!r}.")
         if typ is int and float(value) != num:
             raise EdgePuError(f"{where}: expected a whole number, got {value!r}.")
         return num
@@ -173,8 +183,39 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
+# Names other trainers (transformers, TRL, peft) use for our keys.
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "warmup": "train.warmup_steps",
+    "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "num_generations": "sampling.k", "max_completion_length": "sampling.max_new_tokens",
+    "max_prompt_length": "student.max_length", "model_name_or_path": "student.path",
+    "model": "student.path", "loss_type": "train.algorithm", "api_key": "teacher.api_key_env",
+}
+
+
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config, e.g. 'train.lr'."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in fields(cls):
+        typ = hints[f.name]
+        out += all_keys(typ, f"{prefix}{f.name}.") if dataclasses.is_dataclass(typ) else \
+            [f"{prefix}{f.name}"]
+    return out
+
+
 def _unknown(key: str, valid: list[str], where: str) -> EdgePuError:
-    near = difflib.get_close_matches(key, valid, n=1)
+    """Suggest, in order: a close spelling in the same section, the same name in another
+    section (train.k -> sampling.k), another trainer's name for it, a close spelling anywhere."""
+    prefix, _, leaf = key.rpartition(".")
+    leaves = {v.rsplit(".", 1)[-1]: v for v in valid}
+    everywhere = all_keys()
+    near = ([leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+            or [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf and k != key]
+            or ([ALIASES[leaf]] if leaf in ALIASES else [])
+            or difflib.get_close_matches(key, everywhere, n=1))
     hint = f" Did you mean '{near[0]}'?" if near else f" Valid keys: {', '.join(sorted(valid))}."
     return EdgePuError(f"{where}: unknown config key '{key}'.{hint}")
 
@@ -189,6 +230,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
             raise _unknown(dotted, [f"{prefix}{n}" for n in names], source)
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
+            value = {} if value is None else value  # a section with every key commented out
             if not isinstance(value, dict):
                 raise EdgePuError(f"{source}: '{dotted}' must be a mapping of keys.")
             kwargs[key] = _build(typ, value, f"{dotted}.", source)
@@ -214,13 +256,38 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise EdgePuError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4.")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise EdgePuError(f"--set {item!r}: '{key}' is not a key; write section.key=value, "
+                              "e.g. train.lr=1e-4.")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise EdgePuError(f"--set {item!r}: the value is not valid YAML "
+                              f"({getattr(exc, 'problem', None) or exc}); quote it.") from None
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise EdgePuError(f"--set {item!r}: '{part}' was already set to a value, so it "
+                                  "cannot also hold keys.")
         node[parts[-1]] = value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise EdgePuError(f"{self.name}:{line}: key '{key}' is given twice (first on "
+                                  f"line {seen[key]}); YAML would silently keep the last one.")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -229,16 +296,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EdgePuError(f"{path}: config file not found.") from None
+    except IsADirectoryError:
+        raise EdgePuError(f"{path}: is a folder; give the YAML config file.") from None
     except UnicodeDecodeError as exc:
         raise EdgePuError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except OSError as exc:
+        raise EdgePuError(f"{path}: cannot read the config ({exc.strerror}).") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise EdgePuError(f"{path}:{line}: invalid YAML: {exc}") from None
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise EdgePuError(f"{where}: invalid YAML ({what}).") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
-        raise EdgePuError(f"{path}: the config must be a mapping of sections, got {type(data)}.")
+        raise EdgePuError(f"{path}: the config must be a mapping of sections (student:, "
+                          f"teacher:, ...), got a {type(data).__name__}.")
     return data
 
 
@@ -293,6 +370,37 @@ def validate(cfg: RunConfig) -> None:
         raise EdgePuError("config: train.micro_batch must not exceed train.batch_size.")
     if cfg.train.tau <= 0:
         raise EdgePuError("config: train.tau must be > 0.")
+    _validate_teacher(cfg.teacher)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_PARAM = re.compile(r"key|token|secret|password|auth", re.IGNORECASE)
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
+    for key in ("max_tokens", "timeout_s"):
+        if getattr(t, key) <= 0:
+            raise EdgePuError(f"config: teacher.{key} must be > 0, got {getattr(t, key)}.")
+    for key in ("retries", "backoff_s", "max_calls", "token_budget", "temperature"):
+        if getattr(t, key) < 0:
+            raise EdgePuError(f"config: teacher.{key} must be >= 0, got {getattr(t, key)}.")
+    # The value is never echoed here: if it is not a variable name it is probably the key.
+    if t.api_key_env and not _ENV_NAME.fullmatch(t.api_key_env):
+        raise EdgePuError("config: teacher.api_key_env must be the NAME of an environment "
+                          "variable (like OPENAI_API_KEY), not the key itself; the value given "
+                          "is not a variable name (not shown). Put the key in the environment "
+                          "or in teacher.api_key_file.")
+    if t.api_key_env and t.api_key_file:
+        raise EdgePuError("config: set only one of teacher.api_key_env and teacher.api_key_file.")
+    url = urllib.parse.urlsplit(t.base_url)
+    if url.username or url.password or any(_SECRET_PARAM.search(name) for name, _ in
+                                           urllib.parse.parse_qsl(url.query)):
+        raise EdgePuError("config: teacher.base_url carries a credential (user:password@ or a "
+                          "key in the query string; not shown). It would be printed and saved "
+                          "with the run; put the key in teacher.api_key_env instead.")
+    if t.kind == "openai" and url.scheme not in ("http", "https"):
+        raise EdgePuError(f"config: teacher.base_url must start with http:// or https://, got "
+                          f"{t.base_url!r}.")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -41,15 +41,14 @@ class FileTeacher:
 
 class OracleTeacher:
     def __init__(self, cfg: TeacherConfig) -> None:
-        from ..tasks import generate_tasks
+        from ..tasks import from_jsonl_row, generate_tasks
 
-        self.answers = {t.prompt: t.answer for t in generate_tasks(2000, seed=0)}
+        # teacher.path: a tasks JSONL (edge_pu.tasks rows); else the built-in default suite.
         if cfg.path:
-            from ..tasks import from_jsonl_row
-
-            for _, rec in iter_jsonl(cfg.path, strict=True):
-                task = from_jsonl_row(rec)
-                self.answers[task.prompt] = task.answer
+            tasks = [from_jsonl_row(rec) for _, rec in iter_jsonl(cfg.path, strict=True)]
+        else:
+            tasks = generate_tasks(900, seed=0)
+        self.answers = {t.prompt: t.answer for t in tasks}
         self.identity = "oracle:edge_pu.tasks"
 
     def answer(self, prompt: str) -> str:

@@ -1,0 +1,367 @@
+"""The torch backend: CPU (the reference path) and CUDA (QLoRA with bitsandbytes NF4).
+
+Student = transformers causal LM + PEFT LoRA adapter. The reference policy is the same model
+under `disable_adapter()`. Log-probs are computed only at completion positions and in chunks of
+the vocabulary projection, each chunk checkpointed, so the [tokens x vocab] logits never exist
+at once (in small models the vocabulary dominates memory). Sampling prefills each prompt once
+and expands the KV cache to K rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..algo.losses import LossInputs
+from ..config import RunConfig, SamplingConfig
+from ..errors import EdgePuError
+from .base import GRAD_CHECKPOINTING, NF4, SHARED_PREFILL, Sample, TrainBatch
+
+LOGIT_CHUNK_BYTES = 64 * 2**20  # peak size of one chunk of fp32 logits
+
+
+def _pad(rows: Sequence[Sequence[float]], value: float = 0.0) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), value, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+class TorchBackend:
+    name = "cpu"
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.capabilities = frozenset({NF4, GRAD_CHECKPOINTING, SHARED_PREFILL})
+        self.quant_format = "none"
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self, cfg: RunConfig) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..quant.student import resolve_student
+
+        self.cfg = cfg
+        self.student_dir, source_quant = resolve_student(cfg.student.path)
+        dtype = getattr(torch, cfg.student.dtype)
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
+                                  "trust_remote_code": cfg.student.trust_remote_code}
+        if cfg.student.quant == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16 if self.device.type == "cuda" else dtype)
+            self.quant_format = "nf4"
+        else:
+            self.quant_format = source_quant
+        try:
+            self.tok = AutoTokenizer.from_pretrained(self.student_dir,
+                                                     trust_remote_code=kwargs["trust_remote_code"])
+            base = AutoModelForCausalLM.from_pretrained(self.student_dir, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise EdgePuError(f"student.path {cfg.student.path}: could not load the model "
+                              f"({exc}).") from None
+        if len(self.tok) > base.config.vocab_size:
+            raise EdgePuError(f"student.path {cfg.student.path}: tokenizer has {len(self.tok)} "
+                              f"tokens but the model's vocab_size is {base.config.vocab_size}; "
+                              "they do not belong together.")
+        if self.tok.chat_template is None:
+            raise EdgePuError(f"student.path {cfg.student.path}: the tokenizer has no chat "
+                              "template; edge_pu needs an instruct/chat student.")
+        base.to(self.device)
+        if cfg.train.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant":
+                                                                              False})
+            base.enable_input_require_grads()
+        linear = {n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                  if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
+        missing = [t for t in cfg.lora.target_modules if t not in linear]
+        if missing:
+            raise EdgePuError(f"config: lora.target_modules {missing} are not layers of this "
+                              f"model; it has {sorted(linear)}.")
+        torch.manual_seed(cfg.train.seed)
+        lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lcfg)
+        self.model.eval()
+        # transformers 5.2x renamed past_key_values to cache; accept both generations.
+        params = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.eos_ids = self._eos_ids(base)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else \
+            self.eos_ids[0]
+
+    def _eos_ids(self, base: Any) -> list[int]:
+        ids = base.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tok.eos_token_id is not None and self.tok.eos_token_id not in ids:
+            ids.append(self.tok.eos_token_id)
+        return ids
+
+    # ---- tokens ----------------------------------------------------------------------------
+    def chat_ids(self, messages: list[dict[str, str]], *, assistant: str | None = None
+                 ) -> list[int]:
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return ids + self.token_ids(assistant) if assistant else ids
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+
+    # ---- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
+               seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
+        out: list[list[Sample]] = []
+        with self._adapter(adapter):
+            for s in range(0, len(prompt_ids), cfg.prompt_batch):
+                out += self._sample_batch(prompt_ids[s: s + cfg.prompt_batch], k, cfg,
+                                          seeds[s: s + cfg.prompt_batch])
+        return out
+
+    def _sample_batch(self, prompts: Sequence[list[int]], k: int, cfg: SamplingConfig,
+                      seeds: Sequence[int]) -> list[list[Sample]]:
+        """Left-pad the prompts, prefill them once, expand the cache to K rows each, decode.
+
+        Each prompt draws from its own seeded generator (inverse-CDF sampling), so its samples
+        do not depend on which other prompts share the batch.
+        """
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        cache = getattr(out, self._cache_kw)
+        cache.batch_repeat_interleave(k)  # one prefill shared by each prompt's K candidates
+        attn = attn.repeat_interleave(k, 0)
+        pos = pos[:, -1:].repeat_interleave(k, 0)
+        logits = out.logits[:, -1].float().repeat_interleave(k, 0)
+        gens = [torch.Generator(device=dev).manual_seed(int(sd)) for sd in seeds]
+        eos = torch.tensor(self.eos_ids, device=dev)
+        done = torch.zeros(len(prompts) * k, dtype=torch.bool, device=dev)
+        steps: list[torch.Tensor] = []
+        for step in range(cfg.max_new_tokens):
+            nxt = _draw(logits, cfg.temperature, cfg.top_p, gens, k)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            steps.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
+                             use_cache=True, **{self._cache_kw: cache})
+            cache = getattr(out, self._cache_kw)
+            logits = out.logits[:, -1].float()
+        tokens = torch.stack(steps, dim=1).tolist()
+        samples = []
+        for row in tokens:
+            end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            keep = row if end is None else row[: end + 1]
+            samples.append(Sample(keep, self.decode(keep), end is not None))
+        return [samples[i * k: (i + 1) * k] for i in range(len(prompts))]
+
+    # ---- log-probs -------------------------------------------------------------------------
+    def _token_logp(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] log-prob of each completion token (grad flows if enabled) and its mask."""
+        seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        rows, pos, cols = [], [], []
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            attn[i, : len(p) + len(c)] = 1
+            rows += [i] * len(c)
+            pos += range(len(p) - 1, len(p) + len(c) - 1)  # hidden state that predicts token
+            cols += range(len(c))
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        r = torch.tensor(rows, device=self.device)
+        h = hidden[r, torch.tensor(pos, device=self.device)]
+        targets = ids[r, torch.tensor(pos, device=self.device) + 1]
+        head = base.get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * head.weight.shape[0]))
+        parts = []
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s: s + chunk], targets[s: s + chunk]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_chunk_logp, head, hc, tc, use_reentrant=False))
+            else:
+                parts.append(_chunk_logp(head, hc, tc))
+        flat = torch.cat(parts) if parts else h.new_zeros(0)
+        width_c = max(len(c) for c in completion_ids)
+        out = torch.zeros((len(seqs), max(width_c, 1)), device=self.device, dtype=torch.float32)
+        mask = torch.zeros_like(out)
+        c = torch.tensor(cols, device=self.device)
+        out = out.index_put((r, c), flat.float())
+        mask[r, c] = 1.0
+        return out, mask
+
+    def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
+                 adapter: bool = True) -> list[list[float]]:
+        with torch.no_grad(), self._adapter(adapter):
+            lp, _ = self._token_logp(prompt_ids, completion_ids)
+        return [lp[i, : len(c)].tolist() for i, c in enumerate(completion_ids)]
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int], *,
+                            adapter: bool = True) -> list[list[float]]:
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left-pad so the last column is each prompt's end
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        with self._adapter(adapter):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                position_ids=pos.to(self.device), logits_to_keep=1).logits
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return logp[:, list(candidates)].tolist()
+
+    def _adapter(self, enabled: bool) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+
+    # ---- training --------------------------------------------------------------------------
+    def _ensure_optimizer(self) -> None:
+        if self.optimizer is not None:
+            return
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        warm = max(t.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: Callable[..., Any],
+                   loss_cfg: Any) -> dict[str, float]:
+        self._ensure_optimizer()
+        assert self.optimizer is not None and self.scheduler is not None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for mb in micro_batches:
+            token_logp, mask = self._token_logp(mb.prompt_ids, mb.completion_ids)
+            dev = self.device
+            ref = _pad(mb.ref_token_logp).to(dev)[:, : mask.shape[1]]
+            old = _pad(mb.old_token_logp).to(dev)[:, : mask.shape[1]] \
+                if mb.old_token_logp else None
+            x = LossInputs(
+                token_logp=token_logp, ref_token_logp=ref, mask=mask, old_token_logp=old,
+                pairs=torch.tensor(mb.pairs, device=dev).view(-1, 2) if mb.pairs else None,
+                groups=torch.tensor(mb.groups, device=dev) if mb.groups else None,
+                target=torch.tensor(mb.target, device=dev) if mb.target else None)
+            out = loss_fn(x, loss_cfg)
+            (out.loss * mb.weight).backward()
+            for key, value in out.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * mb.weight
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.eval()
+        totals["grad_norm"] = float(norm)
+        totals["lr"] = float(self.scheduler.get_last_lr()[0])
+        return totals
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_adapter(self, path: Path) -> None:
+        self.model.save_pretrained(str(path))
+        self.tok.save_pretrained(str(path))
+
+    def save_state(self, path: Path) -> None:
+        """Adapter + optimizer + scheduler + RNG, for resume (written to a temp dir, renamed)."""
+        from ..jsonl import write_atomic
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path / "adapter"))
+        state = {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "rng": torch.get_rng_state()}
+        torch.save(state, path / "trainer.pt.tmp")
+        (path / "trainer.pt.tmp").replace(path / "trainer.pt")
+        write_atomic(path / "COMPLETE", "ok\n")
+
+    def load_state(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model,
+                                  load_file(str(path / "adapter" / "adapter_model.safetensors")))
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        if state["optimizer"] is not None:
+            self._ensure_optimizer()
+            assert self.optimizer is not None and self.scheduler is not None
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+
+    def merge(self, out_dir: Path) -> Path:
+        from ..export.merge import merge_adapter
+
+        tmp = out_dir.parent / (out_dir.name + ".adapter")
+        self.save_adapter(tmp)
+        return merge_adapter(self.student_dir, tmp, out_dir)
+
+
+def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float,
+          gens: Sequence[torch.Generator], k: int) -> torch.Tensor:
+    """Next token per row; rows [i*k, (i+1)*k) draw from generator i (inverse CDF)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    u = torch.cat([torch.rand(k, generator=g, device=logits.device) for g in gens])
+    cdf = probs.cumsum(-1)
+    u = u * cdf[:, -1]  # renormalise: top-p zeroed part of the mass
+    return torch.searchsorted(cdf, u[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
+
+
+class CPUBackend(TorchBackend):
+    name = "cpu"
+    device = torch.device("cpu")
+
+
+class CUDABackend(TorchBackend):
+    name = "cuda"
+
+    def __init__(self) -> None:
+        if not torch.cuda.is_available():
+            raise EdgePuError("backend: cuda was asked for, but torch sees no CUDA device "
+                              f"(torch {torch.__version__}); use backend: cpu.")
+        super().__init__()
+        self.device = torch.device("cuda")
+

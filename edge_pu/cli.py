@@ -1,0 +1,108 @@
+"""Command line: `edge-pu run CONFIG.yaml [--set section.key=value ...]`, `edge-pu demo`,
+`edge-pu anchors CONFIG.yaml [--export F | --import F]`, `edge-pu doctor`.
+
+Every user error (EdgePuError) prints as one paragraph naming the culprit and exits non-zero;
+there is no traceback for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import EdgePuError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, restart=args.restart)
+    return 0
+
+
+def cmd_anchors(args: argparse.Namespace) -> int:
+    from .anchors import AnchorStore
+    from .config import load_config
+    from .data import load_prompts
+    from .pipeline import prepare_run_dir, run_anchors
+    from .teachers import make_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = prepare_run_dir(cfg)
+    store = AnchorStore(run_dir)
+    if args.import_path:
+        added = store.import_file(args.import_path, make_teacher(cfg.teacher).identity,
+                                  cfg.teacher)
+        print(f"[anchors] imported {added} new anchors from {args.import_path}")
+    if args.export_path:
+        print(f"[anchors] exported {store.export(args.export_path)} anchors to "
+              f"{args.export_path}")
+    if not (args.import_path or args.export_path):
+        report = run_anchors(cfg, load_prompts(cfg.data.prompts, limit=cfg.data.limit), run_dir)
+        return 1 if report.failed else 0
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
+             overrides=args.overrides)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    print(report())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-pu", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="anchors -> sample -> rank -> train, in run_dir")
+    _add_config_args(p)
+    p.add_argument("--restart", action="store_true",
+                   help="keep the anchors, redo sampling, ranking and training")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("anchors", help="ask the teacher once per prompt; import/export anchors")
+    _add_config_args(p)
+    p.add_argument("--export", dest="export_path", help="write the anchors to this JSONL")
+    p.add_argument("--import", dest="import_path", help="add anchors from this JSONL")
+    p.set_defaults(func=cmd_anchors)
+    p = sub.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M-Instruct")
+    p.add_argument("--algorithm", default="dpo", choices=["dpo", "grpo"])
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("doctor", help="backends, versions, devices, memory")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgePuError as exc:
+        print(f"edge-pu: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-pu: interrupted; rerun the same command to continue where it stopped.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Held-out evaluation on checkable tasks: greedy answers, quality and pass rate per family.
+
+Used by `edge-pu demo` and `edge-pu eval`. `adapter=False` evaluates the untrained student (the
+same weights with the adapter disabled), so before/after needs only one loaded model.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import SamplingConfig
+from .tasks import Task, check, passed
+
+
+def greedy_answers(backend: Any, tasks: Sequence[Task], *, adapter: bool, max_new_tokens: int,
+                   desc: str = "eval", batch: int = 12) -> list[str]:
+    cfg = SamplingConfig(k=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                         prompt_batch=batch)
+    out: list[str] = []
+    with tqdm(total=len(tasks), desc=desc, unit="prompt") as bar:
+        for s in range(0, len(tasks), batch):
+            chunk = tasks[s: s + batch]
+            ids = [backend.chat_ids([{"role": "user", "content": t.prompt}]) for t in chunk]
+            for [sample] in backend.sample(ids, 1, cfg, [0] * len(chunk), adapter=adapter):
+                out.append(sample.text.strip())
+            bar.update(len(chunk))
+    return out
+
+
+def score(tasks: Sequence[Task], answers: Sequence[str]) -> dict[str, Any]:
+    """{"pass_rate", "quality", "n", "by_family": {family: {"pass_rate", "quality", "n"}}}."""
+    fam: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    for t, a in zip(tasks, answers, strict=True):
+        fam[t.family].append((check(t, a), passed(t, a)))
+    every = [x for rows in fam.values() for x in rows]
+
+    def agg(rows: list[tuple[float, bool]]) -> dict[str, float]:
+        return {"pass_rate": sum(p for _, p in rows) / len(rows),
+                "quality": statistics.fmean(q for q, _ in rows), "n": len(rows)}
+
+    return {**agg(every), "by_family": {f: agg(rows) for f, rows in sorted(fam.items())}}
+
+
+def table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown table of pass rate and mean quality, before -> after, per family and overall."""
+    lines = ["| family | n | pass before | pass after | quality before | quality after |",
+             "|---|---|---|---|---|---|"]
+    rows = [(f, before["by_family"][f], after["by_family"][f]) for f in before["by_family"]]
+    rows.append(("**all**", before, after))
+    for name, b, a in rows:
+        lines.append(f"| {name} | {b['n']} | {b['pass_rate']:.0%} | {a['pass_rate']:.0%} | "
+                     f"{b['quality']:.3f} | {a['quality']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""`edge-pu run`: anchors -> (sample -> rank -> train) x rounds -> adapter, in a run directory.
+
+Run dir layout (every JSONL is append-only and fsynced per record, so a killed run resumes):
+  config.resolved.yaml   the resolved config (printed at start too)
+  anchors.jsonl          one teacher answer per prompt (edge_pu.anchors)
+  candidates.jsonl       {"round", "prompt_id", "k", "text", "token_ids", "finished"}
+  scores.jsonl           {"round", "prompt_id", "mode", "scores": [K floats]}
+  pairs.jsonl            {"round", "prompt_id", ...} DPO pairs or GRPO targets
+  metrics.jsonl          per optimizer step, plus one {"event": "round_end"} line per round
+  state/round-N/         adapter + optimizer + RNG after round N (resume point)
+  adapter/               the final PEFT adapter (peft.PeftModel.from_pretrained loads it)
+  summary.json           what happened, in numbers
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .anchors import AnchorReport, AnchorStore
+from .config import RunConfig, config_to_dict, dump_config
+from .data import Prompt, load_prompts
+from .errors import EdgePuError
+from .jsonl import append_jsonl, read_jsonl, write_atomic
+from .rank import RANKERS, RankItem
+from .teachers import make_teacher
+from .train import attach_logprobs, build_units, pair_accuracy, train
+
+# Sections whose change leaves earlier stages valid (export re-runs from the adapter).
+_FREE_SECTIONS = {"export", "run_dir", "device"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    anchors: AnchorReport | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def prepare_run_dir(cfg: RunConfig, *, restart: bool = False) -> Path:
+    """Create the run dir, or check that an existing one was made by a compatible config."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.resolved.yaml"
+    if saved.exists() and not restart:
+        import yaml
+
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = config_to_dict(cfg)
+        changed = [f"{sec}.{k}" if isinstance(new.get(sec), dict) else sec
+                   for sec in new if sec not in _FREE_SECTIONS and old.get(sec) != new.get(sec)
+                   for k in (new[sec] if isinstance(new[sec], dict) else [None])
+                   if not isinstance(new[sec], dict) or old.get(sec, {}).get(k) != new[sec][k]]
+        if changed:
+            raise EdgePuError(
+                f"{run_dir}: this run dir was started with a different config ({', '.join(changed)}"
+                " changed), so its candidates, scores and adapter would not match. Use a new "
+                "run_dir, or pass --restart to keep only the anchors and redo the rest.")
+    if restart:
+        for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl", "metrics.jsonl",
+                     "summary.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(run_dir / "state", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, dump_config(cfg))
+    return run_dir
+
+
+def run_anchors(cfg: RunConfig, prompts: list[Prompt], run_dir: Path) -> AnchorReport:
+    store = AnchorStore(run_dir)
+    teacher = make_teacher(cfg.teacher)
+    with tqdm(total=len(prompts), desc="anchors", unit="prompt") as bar:
+        report = store.fetch(prompts, teacher, cfg.teacher, progress=bar.update)
+    print(f"[anchors] {report.total} prompts: {report.cached} already anchored, {report.new} "
+          f"new, {report.failed} failed; {report.requests} teacher requests this run", flush=True)
+    if report.failed:
+        print(f"[anchors] failures are listed in {store.failures}; those prompts are skipped.",
+              flush=True)
+    return report
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: set[str],
+                 run_dir: Path, round_idx: int) -> dict[str, list[dict]]:
+    path = run_dir / "candidates.jsonl"
+    have: dict[str, list[dict]] = defaultdict(list)
+    for rec in read_jsonl(path):
+        if rec["round"] == round_idx:
+            have[rec["prompt_id"]].append(rec)
+    todo = [p for p in prompts if p.id in anchored and len(have[p.id]) < cfg.sampling.k]
+    step = cfg.sampling.prompt_batch
+    with tqdm(total=len(todo), desc=f"sample r{round_idx}", unit="prompt") as bar:
+        for s in range(0, len(todo), step):
+            chunk = todo[s: s + step]
+            ids = [backend.chat_ids([{"role": "user", "content": p.text}]) for p in chunk]
+            seeds = [_seed(cfg.sampling.seed, round_idx, p.id) for p in chunk]
+            for p, samples in zip(chunk, backend.sample(ids, cfg.sampling.k, cfg.sampling,
+                                                        seeds), strict=True):
+                recs = [{"round": round_idx, "prompt_id": p.id, "k": j, "text": x.text,
+                         "token_ids": x.token_ids, "finished": x.finished}
+                        for j, x in enumerate(samples)]
+                append_jsonl(path, recs)  # a prompt's K candidates land together or not at all
+                have[p.id] = recs
+            bar.update(len(chunk))
+    return {p.id: sorted(have[p.id], key=lambda r: r["k"]) for p in prompts if p.id in anchored}
+
+
+def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors: dict[str, str],
+               cands: dict[str, list[dict]], run_dir: Path, round_idx: int
+               ) -> dict[str, list[float]]:
+    path = run_dir / "scores.jsonl"
+    scores = {r["prompt_id"]: r["scores"] for r in read_jsonl(path) if r["round"] == round_idx}
+    ranker = RANKERS[cfg.ranker.mode]
+    todo = [pid for pid in cands if pid not in scores]
+    step = max(1, cfg.ranker.batch_size // cfg.sampling.k)
+    for s in tqdm(range(0, len(todo), step), desc=f"rank r{round_idx}", unit="batch"):
+        items = [RankItem(pid, prompts[pid].text, anchors[pid],
+                          [c["token_ids"] for c in cands[pid]], [c["text"] for c in cands[pid]])
+                 for pid in todo[s: s + step]]
+        result = ranker(backend, items, cfg.ranker)
+        append_jsonl(path, [{"round": round_idx, "prompt_id": it.prompt_id,
+                             "mode": cfg.ranker.mode, "scores": sc}
+                            for it, sc in zip(items, result, strict=True)])
+        scores.update({it.prompt_id: sc for it, sc in zip(items, result, strict=True)})
+    return scores
+
+
+def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunResult:
+    t0 = time.time()
+    run_dir = prepare_run_dir(cfg, restart=restart)
+    print("[config] resolved:\n" + dump_config(cfg), flush=True)
+    prompts = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
+    result = RunResult(run_dir, anchors=run_anchors(cfg, prompts, run_dir))
+    identity = make_teacher(cfg.teacher).identity
+    anchors = AnchorStore(run_dir).anchors_for(prompts, identity, cfg.teacher)
+    if not anchors:
+        raise EdgePuError(f"{run_dir}: no prompt has an anchor, so there is nothing to train on;"
+                          f" see {run_dir / 'teacher_failures.jsonl'}.")
+    if backend is None:
+        from .backends import make_backend
+
+        backend = make_backend(cfg.backend)
+        print(f"[backend] {backend.name}: loading {cfg.student.path}", flush=True)
+        backend.load(cfg)
+    by_id = {p.id: p for p in prompts}
+    done = {r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")
+            if r.get("event") == "round_end"}
+    for r in range(1, cfg.train.rounds + 1):
+        state = run_dir / "state" / f"round-{r}"
+        if r in done and (state / "COMPLETE").exists():
+            backend.load_state(state)
+            print(f"[round {r}] already trained; resumed from {state}", flush=True)
+            continue
+        result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r))
+        backend.save_state(state)
+    backend.save_adapter(run_dir / "adapter")
+    result.seconds = time.time() - t0
+    summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
+               "anchored": len(anchors), "teacher_requests_total":
+               AnchorStore(run_dir).requests_made(), "rounds": result.rounds}
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    print(f"[done] adapter in {run_dir / 'adapter'} ({result.seconds:.0f}s)", flush=True)
+    return result
+
+
+def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
+               anchors: dict[str, str], run_dir: Path, r: int) -> dict[str, Any]:
+    cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r)
+    scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
+    prompt_ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
+                  for pid in cands}
+    units, records, tied = build_units(cfg.train, prompt_ids,
+                                       {pid: [c["token_ids"] for c in cs]
+                                        for pid, cs in cands.items()}, scores)
+    path = run_dir / "pairs.jsonl"
+    if not any(rec["round"] == r for rec in read_jsonl(path)):
+        append_jsonl(path, [{"round": r, **rec} for rec in records])
+    spreads = [max(s) - min(s) for s in scores.values()]
+    diag: dict[str, Any] = {
+        "round": r, "prompts": len(cands), "units": len(units), "tied_prompts": tied,
+        "tied_share": tied / max(1, len(cands)),
+        "score_spread_mean": statistics.fmean(spreads) if spreads else 0.0,
+        "candidate_tokens_mean": statistics.fmean(len(c["token_ids"]) for cs in cands.values()
+                                                  for c in cs),
+    }
+    print(f"[round {r}] {len(units)} training units from {len(cands)} prompts; {tied} prompts "
+          "tied (no signal)", flush=True)
+    if not units:
+        raise EdgePuError(f"round {r}: every prompt's candidates tied, so there is nothing to "
+                          "train on; raise sampling.temperature or sampling.k, or lower "
+                          "train.margin.")
+    grpo = cfg.train.algorithm == "grpo"
+    attach_logprobs(backend, units, need_old=grpo, batch=cfg.ranker.batch_size)
+    log: list[dict] = []
+    bar = tqdm(desc=f"train r{r}", unit="step")
+
+    def on_step(m: dict) -> None:
+        append_jsonl(run_dir / "metrics.jsonl", [m])
+        log.append(m)
+        bar.total = m["steps"]
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+        bar.update(1)
+
+    train(backend, units, cfg.train, round_idx=r, on_step=on_step)
+    bar.close()
+    for key in ("loss", "reward_margin", "reward_accuracy", "kl"):
+        vals = [m[key] for m in log if key in m]
+        if vals:
+            diag[f"{key}_last"] = vals[-1]
+    if not grpo:
+        diag.update(pair_accuracy(backend, units, cfg.train.beta))
+    append_jsonl(run_dir / "metrics.jsonl", [{"event": "round_end", **diag}])
+    print(f"[round {r}] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in diag.items()), flush=True)
+    return diag

@@ -1,0 +1,90 @@
+"""Resolve `student.path` to a transformers model dir and the quant format it came in.
+
+An HF dir is used as is. A `.gguf` file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) is dequantized
+once through transformers' GGUF loader and saved as safetensors in the cache
+($EDGE_PU_CACHE, else ~/.cache/edge_pu); later runs load the cached dir in seconds. Training
+then sees exactly the dequantized weights that the GGUF holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import EdgePuError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("EDGE_PU_CACHE") or Path.home() / ".cache" / "edge_pu"
+    return Path(root)
+
+
+def gguf_file_type(path: Path) -> str:
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(str(path))
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "gguf:unknown"
+    value = int(field.parts[field.data[0]][0])
+    name = LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
+    return f"gguf:{name}"
+
+
+def resolve_student(path_str: str) -> tuple[Path, str]:
+    """Return (HF model dir, source quant format)."""
+    if not path_str:
+        raise EdgePuError("config: student.path is not set; give an HF model folder or a .gguf.")
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise EdgePuError(f"student.path {path}: no such file or folder.")
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path), gguf_file_type(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise EdgePuError(f"student.path {path}: not a model folder (no config.json).")
+        if not any((path / f).exists() for f in WEIGHT_FILES):
+            raise EdgePuError(f"student.path {path}: no safetensors weights (edge_pu reads "
+                              "only safetensors or GGUF, never pickled .bin files).")
+        return path, "none"
+    raise EdgePuError(f"student.path {path}: expected an HF model folder or a .gguf file.")
+
+
+def _from_gguf(path: Path) -> Path:
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    out = cache_root() / "students" / f"{path.stem}-{tag.hexdigest()[:12]}"
+    if (out / "edge_pu_source.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[student] dequantizing {path.name} once into {out} ...", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unsupported GGUFs
+        raise EdgePuError(f"student.path {path}: transformers could not read this GGUF "
+                          f"({type(exc).__name__}: {exc}).") from None
+    # A model loaded from GGUF is flagged as quantized and refuses save_pretrained; its weights
+    # are already dequantized, so copy them into a fresh dense model of the same config.
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dense.load_state_dict(model.state_dict())
+    dense.generation_config = model.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    dense.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    (tmp / "edge_pu_source.json").write_text(json.dumps(
+        {"gguf": str(path.resolve()), "quant": gguf_file_type(path)}))
+    tmp.replace(out) if not out.exists() else None
+    return out

@@ -1,0 +1,133 @@
+"""Anchor-conditioned self-ranking: the student scores its own candidates against the anchor.
+
+Modes (METHOD.md), selected by name from `RANKERS`:
+- `likelihood`: s_i = mean-token log pi(y_i | x, anchor shown) - mean-token log pi(y_i | x).
+  Works for any causal LM; two scoring passes per candidate.
+- `judge`: the student, shown the instruction, the anchor as a high-quality reference and one
+  candidate, answers "Is the candidate as good as the reference?"; s_i = log p(Yes) - log p(No)
+  (style `yesno`) or the expected 1-9 rating over the digit tokens (style `rating`). Pointwise,
+  so there is no position bias.
+- `similarity` (chrF to the anchor) and `random`: baselines that are not self-ranking.
+With `use_anchor=False`, likelihood and judge drop the reference (the "self-judging without the
+anchor" baseline): likelihood becomes mean-token log pi(y_i | x).
+The judge weights are the frozen starting student (`ranker.judge: initial`, adapter disabled)
+or the current policy (`current`).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .algo.rank_metrics import chrf
+from .backends.base import Backend
+from .config import RankerConfig
+
+
+@dataclass(frozen=True)
+class RankItem:
+    prompt_id: str
+    prompt: str
+    anchor: str
+    candidates: list[list[int]]  # completion token ids
+    texts: list[str]
+
+
+def reference_prompt(prompt: str, anchor: str) -> str:
+    return (f"{prompt}\n\nHere is a high-quality reference answer:\n{anchor}\n\n"
+            "Now give your own answer to the request above.")
+
+
+def judge_prompt(prompt: str, anchor: str | None, candidate: str, style: str) -> str:
+    ref = f"Reference answer (high quality):\n{anchor}\n\n" if anchor is not None else ""
+    ask = ("Is the candidate answer as good as the reference answer? Reply Yes or No."
+           if anchor is not None else "Is the candidate answer correct? Reply Yes or No.")
+    if style == "rating":
+        ask = "Rate the candidate answer from 1 (bad) to 9 (perfect). Reply with one digit."
+    return f"Instruction:\n{prompt}\n\n{ref}Candidate answer:\n{candidate}\n\n{ask}"
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def likelihood_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                      use_anchor: bool = True) -> list[list[float]]:
+    adapter = cfg.judge == "current"
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # plain prompt, anchored, completion
+    for it in items:
+        plain = backend.chat_ids([{"role": "user", "content": it.prompt}])
+        shown = backend.chat_ids([{"role": "user",
+                                   "content": reference_prompt(it.prompt, it.anchor)}])
+        rows += [(plain, shown, c if c else [backend.token_ids(" ")[0]]) for c in it.candidates]
+    flat: list[float] = []
+    for b in _batches(len(rows), cfg.batch_size):
+        comps = [rows[i][2] for i in b]
+        plain_lp = backend.logprobs([rows[i][0] for i in b], comps, adapter=adapter)
+        if not use_anchor:
+            flat += [_mean(p) for p in plain_lp]
+            continue
+        shown_lp = backend.logprobs([rows[i][1] for i in b], comps, adapter=adapter)
+        flat += [_mean(s) - _mean(p) for s, p in zip(shown_lp, plain_lp, strict=True)]
+    return _regroup(flat, items)
+
+
+def judge_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                 use_anchor: bool = True) -> list[list[float]]:
+    adapter = cfg.judge == "current"
+    words = ["Yes", "No"] if cfg.judge_style == "yesno" else [str(d) for d in range(1, 10)]
+    token = [backend.token_ids(w)[0] for w in words]
+    prompts = [backend.chat_ids([{"role": "user", "content": judge_prompt(
+        it.prompt, it.anchor if use_anchor else None, text, cfg.judge_style)}])
+        for it in items for text in it.texts]
+    flat: list[float] = []
+    for b in _batches(len(prompts), cfg.batch_size):
+        for lp in backend.next_token_logprobs([prompts[i] for i in b], token, adapter=adapter):
+            flat.append(_judge_value(lp, cfg.judge_style))
+    return _regroup(flat, items)
+
+
+def _judge_value(logps: Sequence[float], style: str) -> float:
+    import math
+
+    if style == "yesno":
+        return logps[0] - logps[1]
+    probs = [math.exp(x) for x in logps]
+    return sum((i + 1) * p for i, p in enumerate(probs)) / sum(probs)
+
+
+def similarity_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                      use_anchor: bool = True) -> list[list[float]]:
+    return [[chrf(t, it.anchor) for t in it.texts] for it in items]
+
+
+def random_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                  use_anchor: bool = True) -> list[list[float]]:
+    out = []
+    for it in items:
+        rng = random.Random(zlib.crc32(it.prompt_id.encode()))
+        out.append([rng.random() for _ in it.texts])
+    return out
+
+
+def _regroup(flat: list[float], items: Sequence[RankItem]) -> list[list[float]]:
+    out, pos = [], 0
+    for it in items:
+        out.append(flat[pos: pos + len(it.candidates)])
+        pos += len(it.candidates)
+    return out
+
+
+Ranker = Callable[..., list[list[float]]]
+RANKERS: dict[str, Ranker] = {
+    "likelihood": likelihood_scores,
+    "judge": judge_scores,
+    "similarity": similarity_scores,
+    "random": random_scores,
+}

