@@ -143,8 +143,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.quant": ("none", "nf4", "mlx-affine-4"),
     "backend": ("auto", "cpu", "cuda", "mlx"),
 }
-POSITIVE = ("sampling.k", "sampling.max_new_tokens", "train.batch_size", "train.micro_batch",
-            "train.rounds", "sampling.prompt_batch", "lora.r", "student.max_length", "ranker.batch_size")
+POSITIVE = ("sampling.k", "sampling.max_new_tokens", "sampling.prompt_batch", "train.batch_size",
+            "train.micro_batch", "train.rounds", "lora.r", "student.max_length",
+            "ranker.batch_size")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
