@@ -203,7 +203,12 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
                           "train on; raise sampling.temperature or sampling.k, or lower "
                           "train.margin.")
     grpo = cfg.train.algorithm == "grpo"
-    attach_logprobs(backend, units, need_old=grpo, batch=cfg.ranker.batch_size)
+    # The sampling policy's log-probs are the GRPO ratio's denominator, and for both algorithms
+    # give the round's KL(pi || ref) estimate: E over sampled rows of sum(log pi - log ref).
+    attach_logprobs(backend, units, need_old=True, batch=cfg.ranker.batch_size)
+    seq_kl = [sum(o) - sum(f) for u in units for o, f in zip(u.old or [], u.ref or [],
+                                                              strict=True)]
+    diag["kl_to_reference"] = statistics.fmean(seq_kl) if seq_kl else 0.0
     log: list[dict] = []
     bar = tqdm(desc=f"train r{r}", unit="step")
 
