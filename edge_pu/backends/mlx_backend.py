@@ -1,0 +1,556 @@
+"""The MLX backend: Apple Silicon (Metal) or, with `pip install "mlx[cpu]"`, any Linux CPU.
+
+Student = an mlx-lm model built from the HF dir that `resolve_student` gives, optionally
+quantized with MLX's affine 4-bit scheme (`student.quant: mlx-affine-4`, group size 64, the
+mlx-lm default), with LoRA layers in PEFT's layout on the (quantized) linear layers
+(`mlx_lora.py`). The reference policy is the same model with the LoRA layers bypassed. Sampling,
+log-probs and training all run on exactly these weights; the tokenizer and chat template are
+transformers' AutoTokenizer, as in the torch backend, so both backends see the same token ids.
+
+Semantics follow `torch_backend.py` (the reference; `tests/test_backend_contract.py` holds the
+two together): log-probs only at completion positions, vocabulary projection in checkpointed
+chunks; K samples per prompt share one prefill (the KV cache is repeated K times); a sample ends
+on the first EOS, which it keeps; AdamW with bias correction, torch's grad-norm clipping and
+linear warmup. Losses run in MLX (`mlx_losses.py`); an injected loss with no MLX mirror runs in
+torch on the per-token log-probs, and its gradient comes back through a second forward pass.
+`save_adapter` writes a PEFT adapter that `peft.PeftModel.from_pretrained` loads; `merge`
+writes a dense HF dir: the dequantized base plus the LoRA delta, i.e. exactly the trained policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..config import RunConfig, SamplingConfig
+from ..errors import EdgePuError
+from .base import GRAD_CHECKPOINTING, MLX_AFFINE, SHARED_PREFILL, Sample, TrainBatch
+from .mlx_lora import (
+    add_lora,
+    dense_weights,
+    load_arrays,
+    load_peft,
+    lora_layers,
+    peft_config,
+    save_peft,
+)
+from .mlx_losses import MLXLossInputs, mlx_loss_for
+
+LOGIT_CHUNK_BYTES = 64 * 2**20  # peak size of one chunk of fp32 logits, as in the torch backend
+# Affine 4-bit with mlx-lm's default group size; a layer whose in-dim 64 does not divide stays
+# in the compute dtype (reported at load). The tiny test models use multiples of 64 throughout.
+GROUP_SIZE = 64
+BITS = 4
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.capabilities = frozenset({MLX_AFFINE, SHARED_PREFILL, GRAD_CHECKPOINTING})
+        self.quant_format = "none"
+        self.optimizer: optim.AdamW | None = None
+        self.step = 0  # optimizer steps taken (drives warmup, saved with the state)
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self, cfg: RunConfig) -> None:
+        from mlx_lm.utils import load_config, load_model
+        from transformers import AutoTokenizer
+
+        from ..quant.student import resolve_student
+
+        self.cfg = cfg
+        self.student_dir, source_quant = resolve_student(cfg.student.path)
+        trust = cfg.student.trust_remote_code
+        try:
+            self.tok = AutoTokenizer.from_pretrained(self.student_dir, trust_remote_code=trust)
+            hf_config = load_config(self.student_dir)
+            rope = _rope_overrides(hf_config)
+            # trust_remote_code only when asked: older mlx-lm releases lack the argument.
+            model, _ = load_model(self.student_dir, model_config=rope, trust_remote_code=True) \
+                if trust else load_model(self.student_dir, model_config=rope)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EdgePuError(f"student.path {cfg.student.path}: mlx-lm could not load the "
+                              f"model ({type(exc).__name__}: {exc}).") from None
+        vocab = int(hf_config.get("vocab_size", 0) or hf_config.get("text_config", {})
+                    .get("vocab_size", 0))
+        if vocab and len(self.tok) > vocab:
+            raise EdgePuError(f"student.path {cfg.student.path}: tokenizer has {len(self.tok)} "
+                              f"tokens but the model's vocab_size is {vocab}; they do not "
+                              "belong together.")
+        if self.tok.chat_template is None:
+            raise EdgePuError(f"student.path {cfg.student.path}: the tokenizer has no chat "
+                              "template; edge_pu needs an instruct/chat student.")
+        model.set_dtype(DTYPES[cfg.student.dtype])
+        if cfg.student.quant == "mlx-affine-4":
+            self.dense_layers = _quantize(model)
+            self.quant_format = "mlx-affine-4"
+        elif cfg.student.quant == "none":
+            self.dense_layers = []
+            self.quant_format = source_quant
+        else:
+            raise EdgePuError(f"config: student.quant {cfg.student.quant!r} is not available "
+                              "on the mlx backend; use mlx-affine-4 or none.")
+        mx.random.seed(cfg.train.seed)
+        lc = cfg.lora
+        self.lora_paths = add_lora(model, tuple(lc.target_modules), lc.r, lc.alpha, lc.dropout)
+        model.eval()
+        mx.eval(model.parameters())
+        self.model = model
+        self._split = self._check_split_head()
+        if cfg.train.gradient_checkpointing:
+            _checkpoint_layers(self.model)
+        self.eos_ids = self._eos_ids(hf_config)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else \
+            self.eos_ids[0]
+
+    def _eos_ids(self, hf_config: dict[str, Any]) -> list[int]:
+        # load_config already folds generation_config.json's eos_token_id into the config,
+        # which is what transformers' model.generation_config gives the torch backend.
+        ids = hf_config.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tok.eos_token_id is not None and self.tok.eos_token_id not in ids:
+            ids.append(self.tok.eos_token_id)
+        return ids
+
+    def _check_split_head(self) -> bool:
+        """Can log-probs run the decoder and the head separately (so the head runs only at
+        completion positions)? True for mlx-lm's Llama/Qwen2-style models; checked on a probe,
+        since some architectures scale or cap their logits after the head."""
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "embed_tokens"):
+            return False
+        probe = mx.array([[1, 2, 3]])
+        try:
+            split = self._head(inner(probe))
+        except (TypeError, AttributeError, ValueError):
+            return False
+        return bool(mx.allclose(split, self.model(probe), atol=1e-4, rtol=1e-4).item())
+
+    def _head(self, h: mx.array) -> mx.array:
+        if "lm_head" in self.model:
+            return self.model.lm_head(h)
+        return self.model.model.embed_tokens.as_linear(h)
+
+    # ---- tokens (same calls as the torch backend) ------------------------------------------
+    def chat_ids(self, messages: list[dict[str, str]], *, assistant: str | None = None
+                 ) -> list[int]:
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+        out = cast(list[int], list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        return out + self.token_ids(assistant) if assistant else out
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+
+    # ---- adapter on/off --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _adapter(self, enabled: bool) -> Iterator[None]:
+        layers = [m for _, m in lora_layers(self.model)]
+        before = [m.enabled for m in layers]
+        for m in layers:
+            m.enabled = enabled
+        try:
+            yield
+        finally:
+            for m, state in zip(layers, before, strict=True):
+                m.enabled = state
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
+               seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
+        with self._adapter(adapter):
+            return [self._sample_one(ids, k, cfg, seed)
+                    for ids, seed in zip(prompt_ids, seeds, strict=True)]
+
+    def _last_logits(self, ids: mx.array, cache: list[Any]) -> mx.array:
+        if self._split:
+            return self._head(self.model.model(ids, cache=cache)[:, -1]).astype(mx.float32)
+        return self.model(ids, cache=cache)[:, -1].astype(mx.float32)
+
+    def _sample_one(self, ids: list[int], k: int, cfg: SamplingConfig, seed: int
+                    ) -> list[Sample]:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        key = mx.random.key(seed)
+        cache = make_prompt_cache(self.model)
+        if all(type(c) is KVCache for c in cache):
+            logits = self._last_logits(mx.array([ids]), cache)
+            for c in cache:  # one prefill shared by the K candidates
+                c.keys, c.values = mx.repeat(c.keys, k, axis=0), mx.repeat(c.values, k, axis=0)
+            logits = mx.repeat(logits, k, axis=0)
+        else:  # FIXME: rotating/hybrid caches are prefilled K times rather than shared
+            logits = self._last_logits(mx.array([ids] * k), cache)
+        eos = np.array(self.eos_ids)
+        done = np.zeros(k, dtype=bool)
+        steps: list[np.ndarray] = []
+        for step in range(cfg.max_new_tokens):
+            key, sub = mx.random.split(key)
+            nxt = np.array(_draw(logits, cfg.temperature, cfg.top_p, sub)).astype(np.int64)
+            nxt = np.where(done, self.pad_id, nxt)
+            steps.append(nxt)
+            done |= np.isin(nxt, eos)
+            if done.all() or step == cfg.max_new_tokens - 1:
+                break
+            logits = self._last_logits(mx.array(nxt[:, None].astype(np.int32)), cache)
+        tokens = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(k)]
+        samples = []
+        for row in tokens:
+            end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            keep = row if end is None else row[: end + 1]
+            samples.append(Sample(keep, self.decode(keep), end is not None))
+        return samples
+
+    # ---- log-probs -------------------------------------------------------------------------
+    def _token_logp(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+                    *, train: bool = False) -> tuple[mx.array, mx.array]:
+        """[B, T] log-prob of each completion token (differentiable) and its float mask."""
+        seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        t = max(1, max(len(c) for c in completion_ids))
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int32)
+        pos = np.zeros((len(seqs), t), dtype=np.int32)  # hidden state that predicts each token
+        mask = np.zeros((len(seqs), t), dtype=np.float32)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids[i, : len(p) + len(c)] = p + c
+            pos[i, : len(c)] = np.arange(len(p) - 1, len(p) + len(c) - 1)
+            mask[i, : len(c)] = 1.0
+        targets = mx.array(np.take_along_axis(ids, pos + 1, axis=1))
+        # Right padding with a causal mask: no real token ever attends to a pad.
+        x = mx.array(ids)
+        if not self._split:
+            logits = self.model(x).astype(mx.float32)
+            h = mx.take_along_axis(logits, mx.array(pos)[..., None], axis=1)
+            return _gather_logp(h, targets) * mx.array(mask), mx.array(mask)
+        hidden = self.model.model(x)
+        h = mx.take_along_axis(hidden, mx.array(pos)[..., None], axis=1)  # [B, T, H]
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        vocab = self._head(flat_h[:1]).shape[-1]
+        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
+        head_fn = _chunk_fn(self) if train else None
+        parts = []
+        for s in range(0, flat_h.shape[0], chunk):
+            hc, tc = flat_h[s: s + chunk], flat_t[s: s + chunk]
+            if head_fn is not None:
+                parts.append(head_fn(self.model.trainable_parameters(), hc, tc))
+            else:
+                parts.append(_gather_logp(self._head(hc).astype(mx.float32), tc))
+        lp = mx.concatenate(parts).reshape(len(seqs), t)
+        return lp * mx.array(mask), mx.array(mask)
+
+    def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
+                 adapter: bool = True) -> list[list[float]]:
+        with self._adapter(adapter):
+            lp, _ = self._token_logp(prompt_ids, completion_ids)
+            rows = np.array(lp).tolist()
+        return [rows[i][: len(c)] for i, c in enumerate(completion_ids)]
+
+    def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int], *,
+                            adapter: bool = True) -> list[list[float]]:
+        width = max(len(p) for p in prompt_ids)
+        ids = np.full((len(prompt_ids), width), self.pad_id, dtype=np.int32)
+        for i, p in enumerate(prompt_ids):  # right padding; each row is read at its own end
+            ids[i, : len(p)] = p
+        last = mx.array([len(p) - 1 for p in prompt_ids])[:, None, None]
+        with self._adapter(adapter):
+            if self._split:
+                h = mx.take_along_axis(self.model.model(mx.array(ids)), last, axis=1)[:, 0]
+                logits = self._head(h).astype(mx.float32)
+            else:
+                logits = mx.take_along_axis(self.model(mx.array(ids)), last, axis=1)[:, 0]
+            logits = logits.astype(mx.float32)
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            out = np.array(logp[:, mx.array(list(candidates))])
+        return out.tolist()
+
+    # ---- training --------------------------------------------------------------------------
+    def _ensure_optimizer(self) -> None:
+        if self.optimizer is None:
+            t = self.cfg.train
+            # bias_correction=True is torch's AdamW; mlx defaults to False.
+            self.optimizer = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay,
+                                         bias_correction=True)
+
+    def _lr(self, step: int) -> float:
+        t = self.cfg.train
+        warm = max(t.warmup_steps, 0)
+        return t.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    def _inputs(self, mb: TrainBatch, token_logp: mx.array, mask: mx.array) -> MLXLossInputs:
+        width = mask.shape[1]
+        return MLXLossInputs(
+            token_logp=token_logp, mask=mask,
+            ref_token_logp=mx.array(_pad(mb.ref_token_logp, width)),
+            old_token_logp=mx.array(_pad(mb.old_token_logp, width)) if mb.old_token_logp
+            else None,
+            pairs=mx.array(mb.pairs, dtype=mx.int32).reshape(-1, 2) if mb.pairs else None,
+            groups=mx.array(mb.groups, dtype=mx.int32) if mb.groups else None,
+            target=mx.array(mb.target, dtype=mx.float32) if mb.target else None)
+
+    def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: Callable[..., Any],
+                   loss_cfg: Any) -> dict[str, float]:
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        self._ensure_optimizer()
+        assert self.optimizer is not None
+        mirror = mlx_loss_for(loss_fn)
+        # Dropout masks are a pure function of (seed, step), so a resumed run replays them.
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + self.step)
+        self.model.train()
+        totals: dict[str, float] = {}
+        acc: Any = None
+        try:
+            for mb in micro_batches:
+                if mirror is not None:
+                    def fn(mb: TrainBatch = mb) -> tuple[mx.array, dict[str, mx.array]]:
+                        lp, mask = self._token_logp(mb.prompt_ids, mb.completion_ids, train=True)
+                        return mirror(self._inputs(mb, lp, mask), loss_cfg)
+
+                    (_, metrics), grads = nn.value_and_grad(self.model, fn)()
+                    mx.eval(grads, metrics)
+                    values = {k: float(v.item()) for k, v in metrics.items()}
+                else:
+                    values, grads = self._bridge_grads(mb, loss_fn, loss_cfg)
+                acc = tree_map(lambda g, w=mb.weight: g * w, grads) if acc is None else \
+                    tree_map(lambda a, g, w=mb.weight: a + g * w, acc, grads)
+                mx.eval(acc)
+                for key, value in values.items():
+                    totals[key] = totals.get(key, 0.0) + value * mb.weight
+            clipped, norm = optim.clip_grad_norm(acc, self.cfg.train.max_grad_norm)
+            self.optimizer.learning_rate = mx.array(self._lr(self.step))
+            self.optimizer.update(self.model, clipped)
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        finally:
+            self.model.eval()
+        self.step += 1
+        totals["grad_norm"] = float(norm.item())
+        totals["lr"] = self._lr(self.step)
+        return totals
+
+    def _bridge_grads(self, mb: TrainBatch, loss_fn: Callable[..., Any], loss_cfg: Any
+                      ) -> tuple[dict[str, float], Any]:
+        """A torch loss with no MLX mirror: dL/d(token log-probs) from torch, then the model
+        gradient as the gradient of sum(token_logp * that), a second forward in MLX."""
+        import torch
+
+        from ..algo.losses import LossInputs
+
+        lp, mask = self._token_logp(mb.prompt_ids, mb.completion_ids)
+        t_lp = torch.tensor(np.array(lp), requires_grad=True)
+        t_mask = torch.tensor(np.array(mask))
+        width = t_mask.shape[1]
+        x = LossInputs(
+            token_logp=t_lp, ref_token_logp=torch.tensor(_pad(mb.ref_token_logp, width)),
+            mask=t_mask,
+            old_token_logp=torch.tensor(_pad(mb.old_token_logp, width)) if mb.old_token_logp
+            else None,
+            pairs=torch.tensor(mb.pairs).view(-1, 2) if mb.pairs else None,
+            groups=torch.tensor(mb.groups) if mb.groups else None,
+            target=torch.tensor(mb.target) if mb.target else None)
+        out = loss_fn(x, loss_cfg)
+        out.loss.backward()
+        assert t_lp.grad is not None
+        cot = mx.array(t_lp.grad.numpy())
+
+        def surrogate() -> mx.array:
+            lp2, _ = self._token_logp(mb.prompt_ids, mb.completion_ids, train=True)
+            return (lp2 * cot).sum()
+
+        _, grads = nn.value_and_grad(self.model, surrogate)()
+        mx.eval(grads)
+        return dict(out.metrics), grads
+
+    # ---- persistence -----------------------------------------------------------------------
+    def _peft_config(self) -> dict[str, Any]:
+        lc = self.cfg.lora
+        return peft_config(tuple(lc.target_modules), lc.r, lc.alpha, lc.dropout,
+                           str(self.student_dir))
+
+    def save_adapter(self, path: Path) -> None:
+        save_peft(self.model, path, self._peft_config())
+        self.tok.save_pretrained(str(path))
+
+    def load_adapter(self, path: Path) -> None:
+        """Adopt a PEFT adapter dir (from this or the torch backend) as the current LoRA."""
+        load_peft(self.model, path)
+
+    def save_state(self, path: Path) -> None:
+        """Adapter + optimizer state + step count, for resume; COMPLETE is written last."""
+        from ..jsonl import write_atomic
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_peft(self.model, path / "adapter", self._peft_config())
+        if self.optimizer is not None:
+            state = dict(tree_flatten(self.optimizer.state))
+            tmp = path / "optimizer.tmp.safetensors"
+            mx.save_safetensors(str(tmp), state)
+            tmp.replace(path / "optimizer.safetensors")
+        write_atomic(path / "trainer.json", json.dumps({"step": self.step}) + "\n")
+        write_atomic(path / "COMPLETE", "ok\n")
+
+    def load_state(self, path: Path) -> None:
+        load_peft(self.model, path / "adapter")
+        if (path / "optimizer.safetensors").exists():
+            self._ensure_optimizer()
+            assert self.optimizer is not None
+            flat = load_arrays(path / "optimizer.safetensors")
+            self.optimizer.state = tree_unflatten(list(flat.items()))
+        if (path / "trainer.json").exists():
+            self.step = int(json.loads((path / "trainer.json").read_text())["step"])
+
+    def merge(self, out_dir: Path) -> Path:
+        """Dense HF dir = dequantized base + LoRA delta, in each tensor's original dtype.
+
+        Merged into the weights the adapter was trained on (for mlx-affine-4, the dequantized
+        4-bit base, not the original fp base), so the merged model is the trained policy.
+        Export then re-quantizes it with the target format's quantizer.
+        """
+        dense = dense_weights(self.model)
+        original = _load_safetensors(self.student_dir)
+        merged_keys = {f"{p}.weight" for p in self.lora_paths}
+        lost = sorted(merged_keys - set(original))
+        if lost:
+            raise EdgePuError(f"merge: the LoRA layers {lost[:3]} have no weight of that name "
+                              f"in {self.student_dir}; mlx-lm renamed them for this "
+                              "architecture, so merge with the torch backend instead.")
+        out = {k: dense.get(k, v).astype(v.dtype) for k, v in original.items()}
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "pt"})
+        config = json.loads((self.student_dir / "config.json").read_text())
+        for key in ("quantization", "quantization_config"):
+            config.pop(key, None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if (self.student_dir / "generation_config.json").exists():
+            shutil.copy(self.student_dir / "generation_config.json", tmp)
+        self.tok.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.replace(out_dir)
+        return out_dir
+
+
+def _rope_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 saves rope_theta inside `rope_parameters`, which mlx-lm's Llama and Qwen2
+    ignore (they would fall back to their own default theta, 1e4 or 1e6); lift it out."""
+    rp = config.get("rope_parameters")
+    if not isinstance(rp, dict) or "rope_theta" not in rp or "rope_theta" in config:
+        return {}
+    out: dict[str, Any] = {"rope_theta": rp["rope_theta"]}
+    if rp.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+        out["rope_scaling"] = rp
+    return out
+
+
+def _quantize(model: nn.Module) -> list[str]:
+    """Affine 4-bit, group 64, every linear/embedding layer whose in-dim 64 divides (mlx-lm's
+    convert does the same); returns the paths of the layers left in the compute dtype."""
+    skipped: list[str] = []
+
+    def predicate(path: str, m: nn.Module) -> bool:
+        if not hasattr(m, "to_quantized"):
+            return False
+        if m.weight.shape[-1] % GROUP_SIZE:
+            skipped.append(path)
+            return False
+        return True
+
+    nn.quantize(model, group_size=GROUP_SIZE, bits=BITS, mode="affine",
+                class_predicate=predicate)
+    if skipped:
+        print(f"[mlx] {len(skipped)} layers stay unquantized (in-dim not a multiple of "
+              f"{GROUP_SIZE}): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}",
+              flush=True)
+    return skipped
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass while training. The layer objects
+    get a subclass of their own type (mlx-lm's grad_checkpoint patches the class itself, for
+    every model in the process, and also at inference); parameter names do not change."""
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        cls = type(layer)
+        if cls.__name__.startswith("Checkpointed"):
+            continue
+        sub = _CHECKPOINTED.get(cls)
+        if sub is None:
+            sub = _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,),
+                                            {"__call__": _checkpointed_call})
+        layer.__class__ = sub
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    call = super(type(self), self).__call__  # type: ignore[misc]
+    if not self.training:
+        return call(*args, **kwargs)
+
+    def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
+        self.update(params)
+        return call(*args, **kwargs)
+
+    return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+
+def _gather_logp(logits: mx.array, targets: mx.array) -> mx.array:
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def _chunk_fn(backend: MLXBackend) -> Callable[..., mx.array]:
+    """Head + log-softmax of one chunk, recomputed in the backward pass (mlx-lm's pattern:
+    the trainable parameters go in as an argument so their gradient flows through)."""
+    model = backend.model
+
+    def inner(params: Any, h: mx.array, t: mx.array) -> mx.array:
+        model.update(params)
+        # t is integer token ids: no gradient, and checkpoint would otherwise ask for one.
+        return _gather_logp(backend._head(h).astype(mx.float32), mx.stop_gradient(t))
+
+    return mx.checkpoint(inner)
+
+
+def _pad(rows: Sequence[Sequence[float]] | None, width: int) -> np.ndarray:
+    out = np.zeros((len(rows or []), width), dtype=np.float32)
+    for i, r in enumerate(rows or []):
+        n = min(len(r), width)
+        out[i, :n] = r[:n]
+    return out
+
+
+def _load_safetensors(model_dir: Path) -> dict[str, mx.array]:
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise EdgePuError(f"merge: no model*.safetensors in {model_dir}.")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(load_arrays(f))
+    return weights
+
+
+def _draw(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
+    if temperature <= 0:
+        return mx.argmax(logits, axis=-1)
+    probs = mx.softmax(logits / temperature, axis=-1)
+    if top_p < 1.0:
+        idx = mx.argsort(-probs, axis=-1)
+        sorted_p = mx.take_along_axis(probs, idx, axis=-1)
+        keep = (mx.cumsum(sorted_p, axis=-1) - sorted_p) < top_p
+        probs = mx.put_along_axis(mx.zeros_like(probs), idx, sorted_p * keep, axis=-1)
+    return mx.random.categorical(mx.log(probs), key=key)
