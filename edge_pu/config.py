@@ -195,6 +195,10 @@ ALIASES = {
 }
 
 
+def _is_section(typ: Any) -> bool:
+    return isinstance(typ, type) and dataclasses.is_dataclass(typ)
+
+
 def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the config, e.g. 'train.lr'."""
     cls = cls or RunConfig
@@ -202,18 +206,20 @@ def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     out: list[str] = []
     for f in fields(cls):
         typ = hints[f.name]
-        out += all_keys(typ, f"{prefix}{f.name}.") if dataclasses.is_dataclass(typ) else \
-            [f"{prefix}{f.name}"]
+        out += all_keys(typ, f"{prefix}{f.name}.") if _is_section(typ) else [f"{prefix}{f.name}"]
     return out
 
 
 def _unknown(key: str, valid: list[str], where: str) -> EdgePuError:
-    """Suggest, in order: a close spelling in the same section, the same name in another
+    """Suggest, in order: a key of the same section that the name starts with (or that starts
+    with it), a close spelling in the same section, the same name in another
     section (train.k -> sampling.k), another trainer's name for it, a close spelling anywhere."""
     prefix, _, leaf = key.rpartition(".")
     leaves = {v.rsplit(".", 1)[-1]: v for v in valid}
     everywhere = all_keys()
-    near = ([leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+    near = ([v for lf, v in leaves.items() if leaf.startswith(lf + "_")  # lr_rate -> lr
+             or lf.startswith(leaf + "_")][:1]
+            or [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
             or [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf and k != key]
             or ([ALIASES[leaf]] if leaf in ALIASES else [])
             or difflib.get_close_matches(key, everywhere, n=1))
@@ -230,7 +236,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
         if key not in names:
             raise _unknown(dotted, [f"{prefix}{n}" for n in names], source)
         typ = hints[key]
-        if dataclasses.is_dataclass(typ):
+        if _is_section(typ):
             value = {} if value is None else value  # a section with every key commented out
             if not isinstance(value, dict):
                 raise EdgePuError(f"{source}: '{dotted}' must be a mapping of keys.")
@@ -411,7 +417,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             out[f.name] = {k: plain(v) for k, v in dataclasses.asdict(value).items()}
         else:
             out[f.name] = value

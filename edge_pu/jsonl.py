@@ -2,7 +2,9 @@
 
 Every record a stage produces is appended and fsynced as soon as it exists, so a crash loses
 at most the record being written. The reader drops a torn last line (a crash mid-write) and
-reports a malformed line anywhere else with its file and line number.
+reports a malformed line anywhere else with its file and line number. An append that fails
+(a full disk, ENOSPC) is rolled back to the file's previous length, so the records already
+written stay and no half-written group of records is left behind.
 """
 
 from __future__ import annotations
@@ -18,19 +20,37 @@ from .errors import EdgePuError
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records, one JSON object per line, then flush and fsync."""
+    """Append records, one JSON object per line, then fsync: all of them land, or none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(path)
+    payload = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    if not payload:
+        return
+    data = payload.encode("utf-8")
+    start = None
     try:
-        with open(path, "a", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            if start is not None:
+                try:  # undo the partial write: earlier records stay, this group never happened
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass  # the reader still drops a torn last line
+            raise
+        finally:
+            os.close(fd)
     except OSError as exc:
-        raise EdgePuError(f"{path}: could not write ({exc.strerror}); records already "
-                          "written are kept, free space and rerun to continue.") from None
+        raise EdgePuError(f"{path}: could not write ({exc.strerror or exc}); the records "
+                          "already there are kept and the new ones were not added. Free some space "
+                          "(or fix the permission) and rerun the same command to continue."
+                          ) from None
 
 
 def _repair_tail(path: Path) -> None:
@@ -41,7 +61,8 @@ def _repair_tail(path: Path) -> None:
         fh.seek(-1, os.SEEK_END)
         if fh.read(1) == b"\n":
             return
-        data = fh.seek(0) or fh.read()
+        fh.seek(0)
+        data = fh.read()
         keep = data.rfind(b"\n") + 1
         fh.truncate(keep)
 
@@ -56,6 +77,11 @@ def iter_jsonl(path: str | Path, *, strict: bool = False) -> Iterator[tuple[int,
         raw = path.read_bytes()
     except FileNotFoundError:
         raise EdgePuError(f"{path}: file not found.") from None
+    except IsADirectoryError:
+        raise EdgePuError(f"{path}: is a folder; give a JSONL file.") from None
+    except OSError as exc:
+        raise EdgePuError(f"{path}: cannot read ({exc.strerror}).") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
     lines = raw.split(b"\n")
     torn = not raw.endswith(b"\n") and raw != b""
     for idx, line in enumerate(lines, start=1):
@@ -65,6 +91,8 @@ def iter_jsonl(path: str | Path, *, strict: bool = False) -> Iterator[tuple[int,
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
+            if last and torn and not strict:
+                return  # a crash can cut a multi-byte character in half, too
             raise EdgePuError(f"{path}:{idx}: not UTF-8 (bad byte at column {exc.start + 1}); "
                               "save the file as UTF-8.") from None
         try:
@@ -72,7 +100,7 @@ def iter_jsonl(path: str | Path, *, strict: bool = False) -> Iterator[tuple[int,
         except json.JSONDecodeError as exc:
             if last and torn and not strict:
                 return  # a crash cut this line short: it never counted
-            raise EdgePuError(f"{path}:{idx}: invalid JSON ({exc.msg} at column {exc.colno})."
+            raise EdgePuError(f"{path}:{idx}: invalid JSON ({exc.msg}, column {exc.colno})."
                               ) from None
         if not isinstance(rec, dict):
             raise EdgePuError(f"{path}:{idx}: expected a JSON object, got {type(rec).__name__}.")

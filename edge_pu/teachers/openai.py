@@ -1,21 +1,60 @@
 """OpenAI-compatible chat-completions teacher (vLLM, llama.cpp server, Ollama, hosted APIs).
 
-Speaks plain HTTP with the standard library, so it needs no SDK. The API key is read from the
-environment variable named by `teacher.api_key_env` at call time; it is never logged or stored.
-One `answer()` is one HTTP request; retries live in the anchor stage, which counts every request.
+Speaks plain HTTP with the standard library, so it needs no SDK. One `answer()` is one HTTP
+request; retries, backoff and budgets live in the anchor stage (edge_pu.anchors), which counts
+every request.
+
+The API key comes from the environment variable named by `teacher.api_key_env` or from the file
+named by `teacher.api_key_file` (a mounted secret), read at call time. It is never stored on the
+object, logged or written: any text coming back from the server (error bodies, answers) has the
+key replaced by `[redacted]` before edge_pu prints or records it. Redirects are not followed
+(urllib would forward the Authorization header to wherever the server points).
+
+How each fault is classified (TeacherError flags; edge_pu.anchors acts on them):
+- timeout, connection refused or dropped, 408/409/425/5xx, truncated or malformed body,
+  empty content: retryable.
+- 429: retryable, with the server's Retry-After (seconds or an HTTP date) if given; 429
+  `insufficient_quota` is fatal (no retry will pay for it).
+- 401/403/404, a redirect: fatal (no prompt can succeed: stop the stage).
+- other 4xx (prompt too long, bad request): this prompt failed, not retried.
+- finish_reason `content_filter` or a `refusal`: this prompt failed, not retried (the same
+  prompt would be refused again, and each try is paid for).
+- finish_reason `length` with content: ACCEPTED. The call is paid and a retry at the same
+  settings returns the same cut-off text; `last_finish_reason` lets the anchor stage flag the
+  anchor as truncated and count it. With no content at all (a reasoning model that spent the
+  budget thinking) it fails, not retried, with advice to raise teacher.max_tokens.
+
+After each `answer()`, `last_usage` holds the server's `usage` object ({"total_tokens": ...}),
+`{"total_tokens": 0}` where the server certainly generated nothing (it refused the request, or
+the request never reached it), or None where that is unknown (timeout, dropped connection, no
+usage reported); the anchor stage counts unknowns at their worst case against
+`teacher.token_budget`.
 """
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import json
 import os
-import socket
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 from ..config import TeacherConfig
 from ..errors import EdgePuError
 from .base import TeacherError, chat_messages
+
+MAX_REPLY_BYTES = 16 * 2**20  # a chat completion is kilobytes; more is a broken server
+_NOTHING_GENERATED: dict[str, Any] = {"total_tokens": 0}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the 3xx code
 
 
 class OpenAITeacher:
@@ -25,67 +64,159 @@ class OpenAITeacher:
                               f"got {cfg.base_url!r}.")
         if not cfg.model:
             raise EdgePuError("config: teacher.model is required for teacher.kind: openai.")
-        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-            raise EdgePuError(f"config: teacher.api_key_env names ${cfg.api_key_env}, which is "
-                              "not set in the environment; export it or clear api_key_env.")
         self.cfg = cfg
+        api_key(cfg)  # fail now, before any prompt, if the key is configured but missing
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._opener = urllib.request.build_opener(_NoRedirect)
         # The endpoint is not part of the identity: moving the same model to another host must
         # not re-ask (and re-pay for) every prompt.
         self.identity = f"openai:{cfg.model}"
+        self.last_usage: dict[str, Any] | None = None
+        self.last_finish_reason: str | None = None
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.cfg.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ.get(self.cfg.api_key_env, '')}"
-        return headers
+    def _scrub(self, text: str) -> str:
+        key = api_key(self.cfg)
+        return text.replace(key, "[redacted]") if key else text
 
     def answer(self, prompt: str) -> str:
+        self.last_usage, self.last_finish_reason = None, None
         body = {"model": self.cfg.model, "messages": chat_messages(self.cfg, prompt),
                 "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
                 "stream": False}
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
-                                     headers=self._headers(), method="POST")
+        headers = {"Content-Type": "application/json"}
+        key = api_key(self.cfg)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
+                                     method="POST")
+        timeout = self.cfg.timeout_s
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                raw = resp.read()
+            with self._opener.open(req, timeout=timeout) as resp:
+                # The socket timeout bounds each read; this bounds a reply that trickles in.
+                raw = _read_capped(resp, time.monotonic() + 2 * timeout)
         except urllib.error.HTTPError as exc:
-            raise _http_error(exc) from None
-        except (TimeoutError, socket.timeout):
-            raise TeacherError(f"timed out after {self.cfg.timeout_s:g}s", retryable=True) from None
-        except urllib.error.URLError as exc:
+            err = _http_error(exc, self._scrub)
+            if exc.code < 500:  # the server refused the request up front: nothing generated
+                self.last_usage = dict(_NOTHING_GENERATED)
+            raise err from None
+        except TimeoutError:
+            raise TeacherError(f"timed out after {timeout:g}s (teacher.timeout_s)",
+                               retryable=True) from None
+        except urllib.error.URLError as exc:  # raised before the request was fully sent
+            self.last_usage = dict(_NOTHING_GENERATED)
             raise TeacherError(f"cannot reach {self.url}: {exc.reason}", retryable=True) from None
-        except (ConnectionError, OSError) as exc:
-            raise TeacherError(f"connection to {self.url} failed: {exc}", retryable=True) from None
-        return _content(raw)
+        except (http.client.HTTPException, OSError) as exc:
+            raise TeacherError(f"connection to {self.url} failed mid-reply "
+                               f"({type(exc).__name__}: {exc})", retryable=True) from None
+        return self._scrub(self._content(raw))
 
-
-def _http_error(exc: urllib.error.HTTPError) -> TeacherError:
-    detail = exc.read()[:200].decode("utf-8", "replace").strip()
-    if exc.code == 429:
-        after = exc.headers.get("Retry-After")
+    def _content(self, raw: bytes) -> str:
         try:
-            wait = float(after) if after else None
+            data = json.loads(raw)
         except ValueError:
-            wait = None
-        return TeacherError(f"HTTP 429 rate limited: {detail}", retryable=True, retry_after=wait)
-    if exc.code >= 500 or exc.code == 408:
-        return TeacherError(f"HTTP {exc.code} server error: {detail}", retryable=True)
-    if exc.code in (401, 403, 404):
-        return TeacherError(f"HTTP {exc.code} from the teacher ({detail}); check "
-                            "teacher.base_url, teacher.model and the API key.", fatal=True)
-    return TeacherError(f"HTTP {exc.code}: {detail}")
+            raise TeacherError(f"malformed reply, not JSON: {self._scrub(_preview(raw))}",
+                               retryable=True) from None
+        if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+            self.last_usage = data["usage"]
+        try:
+            choice = data["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            err = data.get("error") if isinstance(data, dict) else None
+            detail = f"error: {err}" if err else _preview(raw)
+            raise TeacherError(f"malformed reply, no choices[0].message: {self._scrub(detail)}",
+                               retryable=True) from None
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        self.last_finish_reason = finish if isinstance(finish, str) else None
+        text = message.get("content") if isinstance(message, dict) else None
+        refusal = message.get("refusal") if isinstance(message, dict) else None
+        if finish == "content_filter" or refusal:
+            why = f": {self._scrub(str(refusal))[:200]}" if refusal else ""
+            raise TeacherError(f"the teacher refused this prompt (finish_reason: {finish}){why}")
+        if not isinstance(text, str) or not text.strip():
+            if finish == "length":
+                raise TeacherError("empty answer: the teacher hit teacher.max_tokens = "
+                                   f"{self.cfg.max_tokens} before writing any content; raise it")
+            raise TeacherError("empty answer", retryable=True)
+        return text.strip()
 
 
-def _content(raw: bytes) -> str:
+def api_key(cfg: TeacherConfig) -> str:
+    """The API key from $teacher.api_key_env or teacher.api_key_file; "" when neither is set."""
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key:
+            raise EdgePuError(f"config: teacher.api_key_env names ${cfg.api_key_env}, which is "
+                              "not set in the environment; export it or clear api_key_env.")
+        return key
+    if cfg.api_key_file:
+        path = Path(cfg.api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EdgePuError(f"config: teacher.api_key_file {path}: cannot read it "
+                              f"({getattr(exc, 'strerror', None) or exc}).") from None
+        if not key:
+            raise EdgePuError(f"config: teacher.api_key_file {path} is empty.")
+        return key
+    return ""
+
+
+def _read_capped(resp: Any, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := resp.read(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise TeacherError(f"reply larger than {MAX_REPLY_BYTES >> 20} MiB; not a chat "
+                               "completion", retryable=True)
+        if time.monotonic() > deadline:
+            raise TeacherError("reply still arriving after twice teacher.timeout_s",
+                               retryable=True)
+    return b"".join(chunks)
+
+
+def _preview(raw: bytes) -> str:
+    return repr(raw[:120].decode("utf-8", "replace"))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
     try:
-        data = json.loads(raw)
-        choice = data["choices"][0]
-        text = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise TeacherError(f"malformed reply: {raw[:120]!r}", retryable=True) from None
-    if choice.get("finish_reason") == "content_filter":
-        raise TeacherError("the teacher refused (finish_reason: content_filter)")
-    if not isinstance(text, str) or not text.strip():
-        raise TeacherError("empty answer", retryable=True)
-    return text.strip()
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _http_error(exc: urllib.error.HTTPError, scrub: Any) -> TeacherError:
+    try:
+        detail = scrub(exc.read()[:300].decode("utf-8", "replace").strip())
+    except (OSError, http.client.HTTPException):
+        detail = ""
+    code = exc.code
+    if 300 <= code < 400:
+        return TeacherError(f"HTTP {code}: the teacher redirects to {exc.headers.get('Location')!r}"
+                            "; edge_pu does not follow redirects (the API key would go along). "
+                            "Set teacher.base_url to the final address.", fatal=True)
+    if code == 429 and "insufficient_quota" in detail:
+        return TeacherError(f"HTTP 429 insufficient quota ({detail}); the teacher account "
+                            "needs credit.", fatal=True)
+    if code == 429 or code >= 500 or code in (408, 409, 425):
+        return TeacherError(f"HTTP {code}: {detail}", retryable=True,
+                            retry_after=_retry_after(exc.headers.get("Retry-After")))
+    if code in (401, 403):
+        return TeacherError(f"HTTP {code} from the teacher ({detail}); the API key was refused:"
+                            " check the key in teacher.api_key_env / teacher.api_key_file.",
+                            fatal=True)
+    if code == 404:
+        return TeacherError(f"HTTP 404 from the teacher ({detail}); check teacher.base_url "
+                            "(it should end in /v1) and teacher.model.", fatal=True)
+    return TeacherError(f"HTTP {code}: {detail}")
