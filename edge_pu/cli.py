@@ -67,6 +67,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalOptions, run_eval
+
+    results = run_eval(EvalOptions(
+        config=args.config, student=args.student, methods=tuple(args.methods),
+        rankers=tuple(args.rankers), seeds=args.seeds, out=args.out,
+        overrides=tuple(args.overrides), quick=args.quick, threads=args.threads,
+        train_per_family=args.train_per_family, heldout_per_family=args.heldout_per_family))
+    return 0 if results["teacher_calls"]["exactly_one"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-pu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("doctor", help="backends, versions, devices, memory")
     p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("eval", help="ranker tau and held-out pass rate, PU methods vs baselines")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (optional)")
+    p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
+    p.add_argument("--methods", nargs="*", default=[],
+                   help="methods, space- or comma-separated (default: all; --quick: 2)")
+    p.add_argument("--rankers", nargs="*", default=[], help="ranker specs (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument("--out", default="runs/eval", help="output folder (resumable)")
+    p.add_argument("--quick", action="store_true", help="9+9 prompts, 2 methods, short outputs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - load)")
+    p.add_argument("--train-per-family", type=int, default=0)
+    p.add_argument("--heldout-per-family", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -98,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgePuError as exc:
         print(f"edge-pu: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # permissions, read-only file systems: no traceback for those
+        print(f"edge-pu: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("edge-pu: interrupted; rerun the same command to continue where it stopped.",
               file=sys.stderr)

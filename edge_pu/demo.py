@@ -75,6 +75,11 @@ def run_demo(*, algorithm: str = "dpo", run_dir: str = "runs/demo", student: str
     base["teacher"]["path"] = str(out / "tasks.jsonl")
     base["data"] = {"prompts": str(out / "train_prompts.jsonl")}
     base["train"]["algorithm"] = algorithm
+    if algorithm == "grpo":
+        # The distribution variant's q = softmax(beta * mean-token log-ratio): mean-token ratios
+        # move by tenths of a nat, so beta must be O(1-10) for q to respond (DPO's 0.1 scales a
+        # summed ratio).
+        base["train"]["beta"] = 5.0
     base["run_dir"] = run_dir
     cfg = load_config(None, overrides, base=base)
 

@@ -15,10 +15,11 @@ Run dir layout (every JSONL is append-only and fsynced per record, so a killed r
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,26 @@ from tqdm import tqdm
 
 from .anchors import AnchorReport, AnchorStore
 from .config import RunConfig, config_to_dict, dump_config
-from .data import Prompt, load_prompts
+from .data import Prompt, check_prompt_lengths, load_prompts
 from .errors import EdgePuError
-from .jsonl import append_jsonl, read_jsonl, write_atomic
-from .rank import RANKERS, RankItem
+from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
 from .teachers import make_teacher
-from .train import attach_logprobs, build_units, pair_accuracy, train
 
 # Sections whose change leaves earlier stages valid (export re-runs from the adapter).
 _FREE_SECTIONS = {"export", "run_dir", "device"}
+# Keys whose change leaves every stage valid: the teacher's transport and budgets (anchors are
+# keyed on the teacher's identity and generation settings, not on these). Raising
+# teacher.max_calls after a budget stop must continue the same run dir.
+_FREE_KEYS = {"teacher.base_url", "teacher.api_key_env", "teacher.api_key_file",
+              "teacher.timeout_s", "teacher.retries", "teacher.backoff_s", "teacher.max_calls",
+              "teacher.token_budget"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 @dataclass
@@ -49,16 +61,18 @@ class RunResult:
 def prepare_run_dir(cfg: RunConfig, *, restart: bool = False) -> Path:
     """Create the run dir, or check that an existing one was made by a compatible config."""
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EdgePuError(f"run_dir {run_dir}: exists and is not a folder; choose another "
+                          "run_dir.")
     saved = run_dir / "config.resolved.yaml"
     if saved.exists() and not restart:
         import yaml
 
-        old = yaml.safe_load(saved.read_text()) or {}
-        new = config_to_dict(cfg)
-        changed = [f"{sec}.{k}" if isinstance(new.get(sec), dict) else sec
-                   for sec in new if sec not in _FREE_SECTIONS and old.get(sec) != new.get(sec)
-                   for k in (new[sec] if isinstance(new[sec], dict) else [None])
-                   if not isinstance(new[sec], dict) or old.get(sec, {}).get(k) != new[sec][k]]
+        old = _flat(yaml.safe_load(saved.read_text()) or {})
+        new = _flat(config_to_dict(cfg))
+        default = _flat(config_to_dict(RunConfig()))  # keys added since the run dir was made
+        changed = [k for k, v in new.items() if k.split(".")[0] not in _FREE_SECTIONS
+                   and k not in _FREE_KEYS and old.get(k, default.get(k)) != v]
         if changed:
             raise EdgePuError(
                 f"{run_dir}: this run dir was started with a different config ({', '.join(changed)}"
@@ -68,8 +82,6 @@ def prepare_run_dir(cfg: RunConfig, *, restart: bool = False) -> Path:
         for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl", "metrics.jsonl",
                      "summary.json"):
             (run_dir / name).unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(run_dir / "state", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, dump_config(cfg))
@@ -84,8 +96,15 @@ def run_anchors(cfg: RunConfig, prompts: list[Prompt], run_dir: Path) -> AnchorR
     print(f"[anchors] {report.total} prompts: {report.cached} already anchored, {report.new} "
           f"new, {report.failed} failed; {report.requests} teacher requests this run", flush=True)
     if report.failed:
+        reasons = Counter(f["error"] for f in report.failures)
+        for why, n in reasons.most_common(3):
+            print(f"[anchors]   {n} x {why}", flush=True)
         print(f"[anchors] failures are listed in {store.failures}; those prompts are skipped.",
               flush=True)
+    if report.truncated:
+        print(f"[anchors] {report.truncated} anchors stopped at teacher.max_tokens = "
+              f"{cfg.teacher.max_tokens} (kept, marked \"truncated\" in anchors.jsonl); raise it "
+              "for complete anchors (that re-asks every prompt).", flush=True)
     return report
 
 
@@ -96,10 +115,12 @@ def _seed(*parts: object) -> int:
 def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: set[str],
                  run_dir: Path, round_idx: int) -> dict[str, list[dict]]:
     path = run_dir / "candidates.jsonl"
-    have: dict[str, list[dict]] = defaultdict(list)
+    # Keyed by candidate index, so a prompt resampled after a crash (same seed, same samples)
+    # replaces rather than duplicates what an interrupted write left behind.
+    have: dict[str, dict[int, dict]] = defaultdict(dict)
     for rec in read_jsonl(path):
         if rec["round"] == round_idx:
-            have[rec["prompt_id"]].append(rec)
+            have[rec["prompt_id"]][rec["k"]] = rec
     todo = [p for p in prompts if p.id in anchored and len(have[p.id]) < cfg.sampling.k]
     step = cfg.sampling.prompt_batch
     with tqdm(total=len(todo), desc=f"sample r{round_idx}", unit="prompt") as bar:
@@ -113,14 +134,17 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
                          "token_ids": x.token_ids, "finished": x.finished}
                         for j, x in enumerate(samples)]
                 append_jsonl(path, recs)  # a prompt's K candidates land together or not at all
-                have[p.id] = recs
+                have[p.id] = dict(enumerate(recs))
             bar.update(len(chunk))
-    return {p.id: sorted(have[p.id], key=lambda r: r["k"]) for p in prompts if p.id in anchored}
+    return {p.id: [have[p.id][j] for j in sorted(have[p.id])] for p in prompts
+            if p.id in anchored}
 
 
 def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors: dict[str, str],
                cands: dict[str, list[dict]], run_dir: Path, round_idx: int
                ) -> dict[str, list[float]]:
+    from .rank import RANKERS, RankItem  # torch-free, but keeps `edge-pu anchors` light
+
     path = run_dir / "scores.jsonl"
     scores = {r["prompt_id"]: r["scores"] for r in read_jsonl(path) if r["round"] == round_idx}
     ranker = RANKERS[cfg.ranker.mode]
@@ -143,29 +167,42 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     run_dir = prepare_run_dir(cfg, restart=restart)
     print("[config] resolved:\n" + dump_config(cfg), flush=True)
     prompts = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
-    result = RunResult(run_dir, anchors=run_anchors(cfg, prompts, run_dir))
-    identity = make_teacher(cfg.teacher).identity
-    anchors = AnchorStore(run_dir).anchors_for(prompts, identity, cfg.teacher)
-    if not anchors:
-        raise EdgePuError(f"{run_dir}: no prompt has an anchor, so there is nothing to train on;"
-                          f" see {run_dir / 'teacher_failures.jsonl'}.")
+    # The student is loaded and the prompts measured before the teacher is asked anything:
+    # bad input must not cost a paid call.
     if backend is None:
         from .backends import make_backend
 
         backend = make_backend(cfg.backend)
         print(f"[backend] {backend.name}: loading {cfg.student.path}", flush=True)
         backend.load(cfg)
+    check_prompt_lengths(prompts, [len(backend.chat_ids([{"role": "user", "content": p.text}]))
+                                   for p in prompts],
+                         max_length=cfg.student.max_length,
+                         max_new_tokens=cfg.sampling.max_new_tokens, source=cfg.data.prompts)
+    result = RunResult(run_dir, anchors=run_anchors(cfg, prompts, run_dir))
+    identity = make_teacher(cfg.teacher).identity
+    anchors = AnchorStore(run_dir).anchors_for(prompts, identity, cfg.teacher)
+    if not anchors:
+        raise EdgePuError(f"{run_dir}: no prompt has an anchor, so there is nothing to train on;"
+                          f" see {run_dir / 'teacher_failures.jsonl'}.")
     by_id = {p.id: p for p in prompts}
-    done = {r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")
-            if r.get("event") == "round_end"}
+    done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
+            if m.get("event") == "round_end"}
     for r in range(1, cfg.train.rounds + 1):
         state = run_dir / "state" / f"round-{r}"
         if r in done and (state / "COMPLETE").exists():
             backend.load_state(state)
             print(f"[round {r}] already trained; resumed from {state}", flush=True)
+            result.rounds.append({k: v for k, v in done[r].items() if k != "event"})
             continue
         result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r))
-        backend.save_state(state)
+        # Written beside, then renamed: a crash mid-save never leaves a half state that
+        # looks complete.
+        tmp = state.with_name(state.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        backend.save_state(tmp)
+        shutil.rmtree(state, ignore_errors=True)
+        tmp.rename(state)
     backend.save_adapter(run_dir / "adapter")
     result.seconds = time.time() - t0
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
@@ -178,6 +215,9 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
 
 def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
                anchors: dict[str, str], run_dir: Path, r: int) -> dict[str, Any]:
+    # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
+    from .train import attach_logprobs, build_units, pair_accuracy, train
+
     cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r)
     scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
     prompt_ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
@@ -209,6 +249,12 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     seq_kl = [sum(o) - sum(f) for u in units for o, f in zip(u.old or [], u.ref or [],
                                                               strict=True)]
     diag["kl_to_reference"] = statistics.fmean(seq_kl) if seq_kl else 0.0
+    # Training restarts a round from its start state, so drop what an interrupted attempt at
+    # this round logged: the metrics then hold each step once.
+    mpath = run_dir / "metrics.jsonl"
+    kept = [m for m in read_jsonl(mpath) if m.get("round") != r]
+    if mpath.exists() and len(kept) != len(read_jsonl(mpath)):
+        write_jsonl_atomic(mpath, kept)
     log: list[dict] = []
     bar = tqdm(desc=f"train r{r}", unit="step")
 

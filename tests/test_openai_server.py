@@ -82,6 +82,7 @@ run_dir: {tmp_path / "run"}
     anchors = read_jsonl(tmp_path / "run" / "anchors.jsonl")
     assert [a["id"] for a in anchors] == ["q0", "q1", "q2"]
     assert all(a["anchor"].strip() for a in anchors)
+    assert len(read_jsonl(tmp_path / "run" / "teacher_requests.jsonl")) == 3
     ledger = read_jsonl(tmp_path / "run" / "teacher_ledger.jsonl")
     assert [e["status"] for e in ledger] == ["ok"] * 3
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
@@ -89,4 +90,4 @@ run_dir: {tmp_path / "run"}
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     assert "0 new, 0 failed; 0 teacher requests" in capsys.readouterr().out
-    assert len(read_jsonl(tmp_path / "run" / "teacher_ledger.jsonl")) == 3
+    assert len(read_jsonl(tmp_path / "run" / "teacher_requests.jsonl")) == 3

@@ -313,7 +313,7 @@ class TorchBackend:
 
         set_peft_model_state_dict(self.model,
                                   load_file(str(path / "adapter" / "adapter_model.safetensors")))
-        state = torch.load(path / "trainer.pt", weights_only=False)
+        state = torch.load(path / "trainer.pt", weights_only=True)
         if state["optimizer"] is not None:
             self._ensure_optimizer()
             assert self.optimizer is not None and self.scheduler is not None
