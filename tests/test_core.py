@@ -112,3 +112,22 @@ def test_sampling_is_reproducible_and_batch_independent(tiny_llama_dir: Path) ->
     assert [s.token_ids for s in together[0]] == [s.token_ids for s in alone[0]]
     assert len({tuple(s.token_ids) for s in together[0]}) > 1  # K distinct samples
     json.dumps([s.token_ids for s in together[1]])
+
+
+def test_shared_prompt_scoring_equals_the_padded_batch_path(tiny_llama_dir: Path) -> None:
+    """Rows that share a prompt are scored from one prefill; the result must equal the
+    right-padded batch path that training uses."""
+    import torch
+
+    from edge_pu.backends.torch_backend import CPUBackend
+
+    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu"})
+    backend = CPUBackend()
+    backend.load(cfg)
+    prompt = [5, 6, 7, 8]
+    comps = [[10, 11, 12], [13], [14, 15, 16, 17, 18]]
+    shared = backend.logprobs([prompt] * 3, comps)
+    with torch.no_grad():
+        lp, mask = backend._token_logp([prompt] * 3, comps)
+    for row, c, want in zip(shared, comps, lp.tolist(), strict=True):
+        assert row == pytest.approx(want[: len(c)], abs=1e-5)

@@ -222,9 +222,46 @@ class TorchBackend:
 
     def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
                  adapter: bool = True) -> list[list[float]]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompt_ids):
+            groups.setdefault(tuple(p), []).append(i)
+        out: list[list[float]] = [[] for _ in completion_ids]
         with torch.no_grad(), self._adapter(adapter):
-            lp, _ = self._token_logp(prompt_ids, completion_ids)
-        return [lp[i, : len(c)].tolist() for i, c in enumerate(completion_ids)]
+            for prompt, rows in groups.items():
+                if len(rows) == 1:
+                    lp, _ = self._token_logp([list(prompt)], [completion_ids[rows[0]]])
+                    out[rows[0]] = lp[0, : len(completion_ids[rows[0]])].tolist()
+                    continue
+                for i, lp_row in zip(rows, self._shared_prompt_logp(
+                        list(prompt), [completion_ids[i] for i in rows]), strict=True):
+                    out[i] = lp_row
+        return out
+
+    def _shared_prompt_logp(self, prompt: list[int], comps: Sequence[list[int]]
+                            ) -> list[list[float]]:
+        """Score several completions of one prompt: prefill the prompt once, expand its KV
+        cache to one row per completion, then run only the completion tokens (the K candidates
+        of a prompt share it, and prompts are often longer than their answers)."""
+        base = self.model.get_base_model()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        dev = self.device
+        pre = decoder(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
+        cache = getattr(pre, self._cache_kw)
+        cache.batch_repeat_interleave(len(comps))
+        width = max(1, max(len(c) for c in comps))
+        ids = torch.full((len(comps), width), self.pad_id, dtype=torch.long, device=dev)
+        for i, c in enumerate(comps):
+            ids[i, : len(c)] = torch.tensor(c, device=dev)
+        # Right padding needs no mask: in causal attention no real token sees a later one.
+        pos = torch.arange(len(prompt), len(prompt) + width, device=dev).expand(len(comps), -1)
+        hid = decoder(input_ids=ids, position_ids=pos, use_cache=True,
+                      **{self._cache_kw: cache}).last_hidden_state
+        # Completion token j is predicted by the prompt's last state (j = 0) or by state j - 1.
+        first = pre.last_hidden_state[0, -1].expand(len(comps), -1)
+        states = torch.cat([first[:, None], hid[:, :-1]], dim=1)
+        lp = _chunk_logp(head, states.reshape(-1, states.shape[-1]), ids.reshape(-1))
+        lp = lp.view(len(comps), width)
+        return [lp[i, : len(c)].tolist() for i, c in enumerate(comps)]
 
     @torch.no_grad()
     def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int], *,
