@@ -29,12 +29,21 @@ def _memory_gib() -> float:
         return 0.0
 
 
+def _profile_line() -> str:
+    from .devices import detect_profile
+
+    found = detect_profile()
+    return (f"{found.name} (detected; budget {found.memory_budget_gib:g} GiB; use --set "
+            f"device={found.name})" if found else "none detected (name one with device: ...)")
+
+
 def report() -> str:
     lines = [f"edge_pu doctor — {platform.system()} {platform.machine()}, "
              f"Python {platform.python_version()}",
              f"  memory: {_memory_gib():.1f} GiB, CPU cores: {os.cpu_count()}",
              f"  NVIDIA driver present: {nvidia_present()}",
              f"  backends available: {', '.join(available()) or 'none'}; auto picks: {detect()}",
+             f"  device profile: {_profile_line()}",
              "  packages:"]
     lines += [f"    {name:<18} {_version(name)}" for name in PACKAGES]
     return "\n".join(lines)

@@ -171,7 +171,9 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     # bad input must not cost a paid call.
     if backend is None:
         from .backends import make_backend
+        from .planner import check_fits, model_config_path
 
+        check_fits(cfg, model_config_path(cfg.student.path))  # refuse before loading anything
         backend = make_backend(cfg.backend)
         print(f"[backend] {backend.name}: loading {cfg.student.path}", flush=True)
         backend.load(cfg)

@@ -49,8 +49,11 @@ class TorchBackend:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..planner import pin_cpu_allocator
         from ..quant.student import resolve_student
 
+        if self.device.type == "cpu":
+            pin_cpu_allocator()  # RSS then follows live tensors, as the planner predicts
         self.cfg = cfg
         self.student_dir, source_quant = resolve_student(cfg.student.path)
         dtype = getattr(torch, cfg.student.dtype)
@@ -150,7 +153,8 @@ class TorchBackend:
             attn[i, width - len(p):] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)  # only the last position's logits are needed
         cache = getattr(out, self._cache_kw)
         cache.batch_repeat_interleave(k)  # one prefill shared by each prompt's K candidates
         attn = attn.repeat_interleave(k, 0)
