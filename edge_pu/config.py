@@ -130,6 +130,7 @@ class RunConfig:
     run_dir: str = "runs/default"
 
 
+EXPORT_FORMATS = ("hf", "gguf", "lora-gguf", "onnx")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("openai", "hf", "gguf", "file", "oracle"),
     "ranker.mode": ("likelihood", "judge", "similarity", "random"),
@@ -375,6 +376,10 @@ def validate(cfg: RunConfig) -> None:
         raise EdgePuError("config: sampling.k must be at least 2 to rank candidates.")
     if cfg.train.micro_batch > cfg.train.batch_size:
         raise EdgePuError("config: train.micro_batch must not exceed train.batch_size.")
+    bad = [f for f in cfg.export.formats if f not in EXPORT_FORMATS]
+    if bad:
+        raise EdgePuError(f"config: export.formats {bad} are not among "
+                          f"{', '.join(EXPORT_FORMATS)}.")
     if cfg.train.tau <= 0:
         raise EdgePuError("config: train.tau must be > 0.")
     _validate_teacher(cfg.teacher)

@@ -210,6 +210,15 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
                "anchored": len(anchors), "teacher_requests_total":
                AnchorStore(run_dir).requests_made(), "rounds": result.rounds}
+    if cfg.export.formats:
+        from .export_stage import export_run
+
+        summary["exports"] = {}
+        for fmt in cfg.export.formats:
+            quant = cfg.export.gguf_quant if fmt == "gguf" else None
+            report = export_run(run_dir, fmt, quant=quant)
+            summary["exports"][fmt] = {"passed": report.get("passed"),
+                                       "artifacts": report.get("artifacts")}
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"[done] adapter in {run_dir / 'adapter'} ({result.seconds:.0f}s)", flush=True)
     return result
