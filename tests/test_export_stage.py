@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_pipeline import tiny_cfg
 
 from edge_pu.cli import main
 from edge_pu.pipeline import run
-from test_pipeline import tiny_cfg
 
 pytestmark = pytest.mark.slow
 
