@@ -8,6 +8,7 @@ there is no traceback for those.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -56,7 +57,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
-             overrides=args.overrides)
+             overrides=args.overrides, export=args.export)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import plan_command
+
+    return plan_command(args.config, args.overrides, device=args.device)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export_stage import export_run
+
+    for fmt in args.format:
+        export_run(args.run_dir, fmt, quant=args.quant, force=args.force)
     return 0
 
 
@@ -96,7 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--export", action="store_true",
+                   help="also export GGUF q8_0 and ONNX, gated on the held-out prompts")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("plan", help="predicted peak memory per stage; settings that fit")
+    _add_config_args(p)
+    p.add_argument("--device", default="", help="device profile to plan for, e.g. apple-m-16gb")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("export", help="merge the adapter and export, verified in the runtime")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--format", action="append", required=True,
+                   choices=["hf", "gguf", "lora-gguf", "onnx"], help="repeatable")
+    p.add_argument("--quant", default=None, help="GGUF type, e.g. q8_0, q4_0, f16, q4_k_m")
+    p.add_argument("--force", action="store_true", help="redo a format already verified")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("doctor", help="backends, versions, devices, memory")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("eval", help="ranker tau and held-out pass rate, PU methods vs baselines")
@@ -118,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("edge_pu")  # stage progress of modules that log (export)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         return int(args.func(args))
     except EdgePuError as exc:

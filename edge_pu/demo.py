@@ -56,7 +56,7 @@ def find_demo_student() -> Path:
 
 
 def run_demo(*, algorithm: str = "dpo", run_dir: str = "runs/demo", student: str = "",
-             overrides: list[str] | None = None) -> dict[str, Any]:
+             overrides: list[str] | None = None, export: bool = False) -> dict[str, Any]:
     from .backends import make_backend
     from .pipeline import run
 
@@ -98,6 +98,18 @@ def run_demo(*, algorithm: str = "dpo", run_dir: str = "runs/demo", student: str
               "after": after, "rounds": result.rounds, "seconds": round(seconds, 1),
               "heldout_answers_after": [{"id": t.id, "answer": a}
                                         for t, a in zip(heldout, answers, strict=True)]}
+    if export:
+        # The trained adapter must survive deployment: the gate compares each artifact with the
+        # merged model on the held-out prompts, greedy for as many tokens as the evaluation.
+        from .export import export as export_artifact
+
+        report["exports"] = {}
+        for fmt, quant in (("gguf", "q8_0"), ("onnx", None)):
+            gate = export_artifact((cfg.student.path, out / "adapter"), fmt,
+                                   out / "export" / fmt, quant=quant,
+                                   prompts=[t.prompt for t in heldout],
+                                   n_greedy=EVAL_MAX_NEW_TOKENS)
+            report["exports"][fmt] = {k: gate[k] for k in ("passed", "checks") if k in gate}
     write_atomic(out / "demo_report.json", json.dumps(report, indent=2))
     print(f"\nedge_pu demo — {algorithm.upper()} on {Path(cfg.student.path).name}, "
           f"{len(train_tasks)} training prompts, {len(heldout)} held-out prompts "
