@@ -358,6 +358,8 @@ def model_config_path(student_path: str) -> Path:
         raise EdgePuError("config: student.path is not set; the planner reads its config.json "
                           "(or GGUF header) to size the model.")
     path = Path(student_path).expanduser()
+    if not path.exists():  # the same words as the loader's, whichever check runs first
+        raise EdgePuError(f"student.path {path}: no such file or folder.")
     return path / "config.json" if path.is_dir() else path
 
 
