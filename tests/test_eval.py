@@ -1,0 +1,170 @@
+"""The evaluation suite: per-prompt Kendall tau, the SFT loss, teacher-call counting, the
+equal-budget method configs, the adapter reset, and `edge-pu eval --quick` end to end on a tiny
+Llama (results.json keys, exactly one teacher call per prompt, resume without new calls)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from edge_pu.eval.ranking import prompt_taus, summarize
+
+
+def test_prompt_taus_hand_picked() -> None:
+    """Three prompts, K = 3 or 4 candidates each.
+
+    1. scores (3, 1, 2), qualities (1, 0, .5): the same order -> tau = 1.
+    2. scores (1, 2, 3, 4), qualities (0, 0, 1, 1): n0 = 6 pairs; qualities tie in 2 of
+       them, scores in none; the 4 untied pairs are all concordant, so
+       tau_b = (4 - 0) / sqrt((6 - 0) (6 - 2)) = 4 / sqrt(24) = 0.8165.
+    3. qualities all .5: no order to agree with -> None (left out of the mean, counted).
+    4. scores (1, 2, 3), qualities (1, .5, 0): reversed -> tau = -1.
+    """
+    scores = [[3, 1, 2], [1, 2, 3, 4], [0, 0, 0], [1, 2, 3]]
+    quality = [[1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5], [1.0, 0.5, 0.0]]
+    taus = prompt_taus(scores, quality)
+    assert taus[0] == pytest.approx(1.0)
+    assert taus[1] == pytest.approx(4 / math.sqrt(24))
+    assert taus[2] is None
+    assert taus[3] == pytest.approx(-1.0)
+
+
+def test_summarize_hand_picked() -> None:
+    """mean tau over the 2 prompts with varying quality: (1 + 0.8165) / 2 = 0.9082; top-1
+    quality: prompt 1 picks candidate 0 (q 1), prompt 2 candidate 3 (q 1), prompt 3 ties on
+    every score and takes the first (q .5): (1 + 1 + .5) / 3 = 0.8333; mean quality
+    (.5 + .5 + .5) / 3 = .5; best (1 + 1 + .5) / 3 = 0.8333."""
+    s = summarize([[3, 1, 2], [1, 2, 3, 4], [0, 0, 0]],
+                  [[1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    assert s["mean_tau"] == pytest.approx((1 + 4 / math.sqrt(24)) / 2)
+    assert (s["prompts_used"], s["prompts_total"]) == (2, 3)
+    assert s["top1_quality"] == pytest.approx(2.5 / 3)
+    assert s["mean_quality"] == pytest.approx(0.5)
+    assert s["best_quality"] == pytest.approx(2.5 / 3)
+    assert summarize([[1, 2]], [[0.3, 0.3]])["mean_tau"] is None
+
+
+def test_sft_loss_hand_picked() -> None:
+    """Rows: anchor 1 has tokens with log-probs (-1, -2) and one padding slot; anchor 2 has one
+    token (-0.5) and two padding slots (set to -inf: they must not leak). Token-mean NLL:
+    L = (1 + 2 + 0.5) / 3 = 7/6 = 1.1667. dL/dlogp = -1/3 on each of the 3 real tokens and 0
+    on padding."""
+    import torch
+
+    from edge_pu.algo.losses import LossConfig, LossInputs
+    from edge_pu.eval.baselines import sft_loss
+
+    inf = float("-inf")
+    logp = torch.tensor([[-1.0, -2.0, inf], [-0.5, inf, inf]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = sft_loss(LossInputs(token_logp=logp, ref_token_logp=torch.zeros(2, 3), mask=mask),
+                   LossConfig())
+    assert out.loss.item() == pytest.approx(7 / 6)
+    assert out.metrics["loss"] == pytest.approx(7 / 6)
+    out.loss.backward()
+    expected = torch.tensor([[-1 / 3, -1 / 3, 0.0], [-1 / 3, 0.0, 0.0]])
+    assert torch.allclose(logp.grad, expected)
+
+
+def _ledger(path: Path, ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for i in ids:
+            f.write(json.dumps({"req": f"r-{i}", "id": i, "attempt": 0}) + "\n")
+
+
+def test_teacher_calls_per_prompt(tmp_path: Path) -> None:
+    from edge_pu.eval.suite import teacher_calls
+
+    _ledger(tmp_path / "anchors" / "teacher_ledger.jsonl", ["p0", "p1", "p2"])
+    (tmp_path / "seed-0" / "pu-dpo").mkdir(parents=True)  # a method dir with no ledger
+    calls = teacher_calls(tmp_path, ["p0", "p1", "p2"])
+    assert calls["exactly_one"] and calls["requests"] == 3 and calls["per_prompt_max"] == 1
+    _ledger(tmp_path / "seed-0" / "pu-dpo" / "teacher_ledger.jsonl", ["p1"])  # a second call
+    calls = teacher_calls(tmp_path, ["p0", "p1", "p2"])
+    assert not calls["exactly_one"]
+    assert (calls["requests"], calls["ledgers"], calls["per_prompt_max"]) == (4, 2, 2)
+    assert teacher_calls(tmp_path / "anchors", ["p0", "p1", "p2", "p3"])["per_prompt_min"] == 0
+
+
+def test_every_method_gets_the_same_rows_per_step() -> None:
+    """DPO: batch_size pairs = 8 rows; GRPO with K = 4: 8 // 4 = 2 groups = 8 rows."""
+    from edge_pu.config import load_config
+    from edge_pu.eval.methods import METHODS
+    from edge_pu.eval.suite import method_config
+
+    cfg = load_config(None, base={"sampling": {"k": 4}, "train": {"batch_size": 4,
+                                                                   "micro_batch": 2}})
+    for name, m in METHODS.items():
+        t = method_config(cfg, m, Path("x")).train
+        rows = t.batch_size * (cfg.sampling.k if t.algorithm == "grpo" else 2)
+        assert rows == 8, name
+        assert t.micro_batch <= t.batch_size
+    assert method_config(cfg, METHODS["similarity"], Path("x")).ranker.mode == "similarity"
+    assert method_config(cfg, METHODS["self-noanchor"], Path("x")).ranker.mode == "likelihood"
+
+
+def test_reset_adapter_restores_the_untrained_policy(tiny_llama_dir: Path) -> None:
+    """After an SFT step the policy differs from the reference; after reset_adapter the policy
+    (adapter on) equals the reference (adapter off) again, and the optimizer is rebuilt."""
+    from edge_pu.algo.losses import LossConfig
+    from edge_pu.backends import make_backend
+    from edge_pu.config import load_config
+    from edge_pu.eval.baselines import sft_batches, sft_loss
+    from edge_pu.eval.methods import reset_adapter
+
+    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu",
+                                  "train": {"lr": 0.05}})
+    backend = make_backend("cpu")
+    backend.load(cfg)
+    prompt = backend.chat_ids([{"role": "user", "content": "what is two plus three?"}])
+    answer = backend.token_ids("five")
+    backend.train_step(sft_batches([prompt], [answer], 1), sft_loss, LossConfig())
+    pol = backend.logprobs([prompt], [answer], adapter=True)[0]
+    ref = backend.logprobs([prompt], [answer], adapter=False)[0]
+    assert max(abs(a - b) for a, b in zip(pol, ref, strict=True)) > 1e-4
+    reset_adapter(backend, cfg, seed=1)
+    assert backend.optimizer is None
+    pol = backend.logprobs([prompt], [answer], adapter=True)[0]
+    assert pol == pytest.approx(ref, abs=1e-6)
+
+
+def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from edge_pu.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--quick", "--student", str(tiny_llama_dir), "--out", str(out),
+            "--threads", "1"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {"suite", "sizes", "config", "environment", "before", "methods", "rankers",
+            "teacher_calls", "stages", "curves", "seconds"} <= set(res)
+    assert set(res["methods"]) == {"pu-dpo", "sft"}
+    for m in res["methods"].values():
+        assert {"pass_rate_mean", "pass_rate_sd", "quality_mean", "lift_points_mean",
+                "by_family", "train_seconds_mean", "seeds"} <= set(m)
+        assert len(m["by_family"]) == 9
+    assert set(res["rankers"]) == {"likelihood", "likelihood-noanchor", "judge",
+                                   "judge-noanchor", "similarity", "random"}
+    for r in res["rankers"].values():
+        assert r["prompts_total"] == res["suite"]["train_prompts"] == 9
+        assert r["mean_tau"] is None or -1.0 <= r["mean_tau"] <= 1.0
+    calls = res["teacher_calls"]
+    assert calls["exactly_one"] and calls["requests"] == 9 == calls["prompts"]
+    names = {s["name"] for s in res["stages"]}
+    assert {"load", "anchors", "sample", "rank:likelihood", "train:pu-dpo", "eval:sft"} <= names
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in res["stages"])
+    assert set(res["curves"]) == {"pu-dpo", "sft"}
+    assert "## Ranker quality" in (out / "results.md").read_text()
+
+    # A rerun resumes from the files: no new teacher call, no method trained again.
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["teacher_calls"]["requests"] == 9 and again["teacher_calls"]["exactly_one"]
+    assert not any(s["name"].startswith("train:") and not s.get("resumed")
+                   for s in again["stages"])
+    assert again["methods"]["pu-dpo"]["pass_rate_mean"] == res["methods"]["pu-dpo"][
+        "pass_rate_mean"]
