@@ -111,9 +111,10 @@ def test_sigkill_in_every_stage_then_resume_matches_clean_run(tiny_llama_dir: Pa
     ok = [e["id"] for e in read_jsonl(killed / "teacher_ledger.jsonl") if e["status"] == "ok"]
     assert Counter(ok) == Counter({f"p{i}": 1 for i in range(N_PROMPTS)})
     assert clean_requests == N_PROMPTS
-    # Requests are logged before they go out, so one in flight at a kill is counted too.
+    # Requests are logged (fsynced) before they go out, so one in flight at a kill is counted
+    # too, and one logged but killed before it was sent counts without reaching the server.
     sent = read_jsonl(killed / "teacher_requests.jsonl")
-    assert len(sent) == len(server.requests) - before <= N_PROMPTS + 1
+    assert len(server.requests) - before <= len(sent) <= N_PROMPTS + 1
 
     # Candidates: every (round, prompt, k) exactly once.
     cands = Counter((c["round"], c["prompt_id"], c["k"])
