@@ -108,8 +108,12 @@ def test_sigkill_in_every_stage_then_resume_matches_clean_run(tiny_llama_dir: Pa
     # flight at a kill is lost with the process, so the server may have seen one more.
     anchors = read_jsonl(killed / "anchors.jsonl")
     assert sorted(a["id"] for a in anchors) == sorted(f"p{i}" for i in range(N_PROMPTS))
-    ok = [e["id"] for e in read_jsonl(killed / "teacher_ledger.jsonl") if e["status"] == "ok"]
-    assert Counter(ok) == Counter({f"p{i}": 1 for i in range(N_PROMPTS)})
+    # At most one successful answer per prompt, ever. (The anchor is written before its ledger
+    # line, so a kill in between leaves an anchor whose "ok" line is missing: never the reverse.)
+    ok = Counter(e["id"] for e in read_jsonl(killed / "teacher_ledger.jsonl")
+                 if e["status"] == "ok")
+    assert max(ok.values()) == 1 and set(ok) <= {a["id"] for a in anchors}
+    assert len(ok) >= N_PROMPTS - len(sigkilled)
     assert clean_requests == N_PROMPTS
     # Requests are logged (fsynced) before they go out, so one in flight at a kill is counted
     # too, and one logged but killed before it was sent counts without reaching the server.
