@@ -117,6 +117,7 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.threads = torch.get_num_threads()  # the trainer stack must not change it
             self.ctx = stages.stage("step")
             self.ctx.__enter__()
 
@@ -138,7 +139,7 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                lora_dropout=LORA["dropout"], target_modules=TARGETS,
                                task_type="CAUSAL_LM"),
-        callbacks=[Timer()])
+        callbacks=[timer := Timer()])
     row = trainer.train_dataset[0]
     t0 = time.perf_counter()
     trainer.train()
@@ -147,7 +148,7 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
     return {"steps": [{"seconds": s.seconds, "peak_delta_mb": s.peak_delta_mb,
                        "peak_rss_mb": s.peak_rss_mb, "cuda_peak_mb": s.cuda_peak_mb}
                       for s in timed],
-            "train_wall_seconds": wall,
+            "train_wall_seconds": wall, "threads_in_step": timer.threads,
             "tokens": [len(row["prompt_ids"]) + len(row["chosen_ids"]),
                        len(row["prompt_ids"]) + len(row["rejected_ids"])]}
 
@@ -201,7 +202,8 @@ def main() -> None:
             results[case].append(out)
             print(f"  round {rnd + 1} {case:16s} step s "
                   f"{', '.join(str(s['seconds']) for s in out['steps'])}; tokens per row "
-                  f"{sorted(set(out['tokens']))}", flush=True)
+                  f"{sorted(set(out['tokens']))}; torch threads in the step "
+                  f"{out.get('threads_in_step', out['threads'])}", flush=True)
     summary = _summarise(results, args.device)
     print(summary["text"])
     if args.json:

@@ -168,3 +168,6 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
                    for s in again["stages"])
     assert again["methods"]["pu-dpo"]["pass_rate_mean"] == res["methods"]["pu-dpo"][
         "pass_rate_mean"]
+
+    # The cached candidates and results belong to this config: another one is refused.
+    assert main(argv + ["--set", "train.lr=0.1"]) != 0

@@ -181,6 +181,7 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     write_jsonl_atomic(out / "train_prompts.jsonl",
                        [{"id": t.id, "prompt": t.prompt} for t in train_tasks])
     cfg = resolve_config(opts, out)
+    _check_fingerprint(out, cfg, sizes, opts.task_seed)
     methods = [METHODS[n] for n in _pick(opts.methods, METHODS, QUICK_METHODS if opts.quick
                                          else tuple(METHODS), "method")]
     rankers = _pick(opts.rankers, RANK_SPECS, tuple(RANK_SPECS), "ranker")
@@ -245,6 +246,23 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
         curves=_curves(out, [m.name for m in methods], opts.seeds), seconds=time.time() - t0)
     write_outputs(results, out)
     return results
+
+
+def _check_fingerprint(out: Path, cfg: RunConfig, sizes: dict[str, int], task_seed: int) -> None:
+    """Refuse to mix cached candidates, scores and results made under another config."""
+    now = {"config": {k: v for k, v in config_to_dict(cfg).items() if k != "run_dir"},
+           "sizes": sizes, "task_seed": task_seed}
+    path = out / "eval_config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(now)):
+            changed = sorted(k for k in set(old["config"]) | set(now["config"])
+                             if old["config"].get(k) != now["config"].get(k))
+            changed += [k for k in ("sizes", "task_seed") if old.get(k) != now[k]]
+            raise EdgePuError(f"{out}: this eval folder was made with a different config "
+                              f"({', '.join(changed)} changed), so its cached candidates, scores"
+                              " and results would not match. Use another --out.")
+    write_atomic(path, json.dumps(now, indent=1))
 
 
 def _anchors(cfg: RunConfig, prompts: list[Prompt], run_dir: Path) -> dict[str, str]:
