@@ -20,8 +20,8 @@ Cases, each in its own child process (clean memory peaks):
 - `trl-precomputed`: the same with precompute_ref_log_probs=True (reference pass before
   training; the step is then policy forward + backward + update only).
 Step time: median over `--steps` steps after `--warmup` steps (TRL: TrainerCallback
-on_step_begin -> on_step_end). Memory: the peak host RSS (GPU: max_memory_allocated) during the
-step above what the process held when the step began (optimizer state already allocated).
+on_step_begin -> on_step_end). Training memory: the peak host RSS during a step minus the RSS
+right after the model was loaded (GPU: max_memory_allocated during the step).
 Ratios printed: edge_pu (step + its ref pass) vs trl, and edge_pu step vs trl-precomputed.
 """
 
@@ -67,7 +67,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.algo.losses import LOSSES, LossConfig
     from edge_pu.backends import TrainBatch, make_backend
     from edge_pu.config import load_config
-    from edge_pu.eval.measure import Stages
+    from edge_pu.eval.measure import Stages, rss_bytes
 
     cfg = load_config(None, base={
         "student": {"path": spec["model_dir"], "dtype": spec["dtype"]},
@@ -76,6 +76,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
                   "gradient_checkpointing": spec["gc"]}})
     backend: Any = make_backend(spec["device"])
     backend.load(cfg)
+    loaded = rss_bytes() / 2**20
     pairs = make_pairs(backend.tok, spec["pairs"], spec["prompt_len"], spec["completion_len"])
     eos = backend.tok.eos_token_id
     prompts = [backend.token_ids(p["prompt"]) for p in pairs]
@@ -96,6 +97,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
     return {"steps": [{"seconds": s.seconds, "ref_seconds": r.seconds,
                        "peak_delta_mb": s.peak_delta_mb, "peak_rss_mb": s.peak_rss_mb,
                        "cuda_peak_mb": s.cuda_peak_mb} for r, s in steps],
+            "rss_loaded_mb": loaded,
             "tokens": [len(p) + len(c) for p, c in zip(rows_p, rows_c, strict=True)]}
 
 
@@ -106,11 +108,12 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from edge_pu.eval.measure import Stages
+    from edge_pu.eval.measure import Stages, rss_bytes
 
     dtype = getattr(torch, spec["dtype"])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    loaded = rss_bytes() / 2**20
     pairs = make_pairs(tok, spec["pairs"], spec["prompt_len"], spec["completion_len"])
     total = spec["warmup"] + spec["steps"]
     stages = Stages()
@@ -149,6 +152,7 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
                        "peak_rss_mb": s.peak_rss_mb, "cuda_peak_mb": s.cuda_peak_mb}
                       for s in timed],
             "train_wall_seconds": wall, "threads_in_step": timer.threads,
+            "rss_loaded_mb": loaded,
             "tokens": [len(row["prompt_ids"]) + len(row["chosen_ids"]),
                        len(row["prompt_ids"]) + len(row["rejected_ids"])]}
 
@@ -212,22 +216,30 @@ def main() -> None:
 
 
 def _summarise(results: dict[str, list[dict[str, Any]]], device: str) -> dict[str, Any]:
-    mem_key = "cuda_peak_mb" if device == "cuda" else "peak_delta_mb"
+    """Memory on CPU: the peak RSS during a step minus the RSS right after the model (and for
+    edge_pu its LoRA adapter) was loaded. The RSS a step adds over the RSS at its own start is
+    not comparable across processes: glibc keeps freed heap, so a process that kept the last
+    step's memory shows a small increase. On CUDA: max_memory_allocated during the step."""
     rows: dict[str, dict[str, float]] = {}
-    lines = [f"| case | step s median (range) | ref pass s | peak memory added, MB ({mem_key}) "
-             "| peak RSS MB |", "|---|---|---|---|---|"]
+    unit = "GPU MB (max allocated)" if device == "cuda" else "MB (peak RSS - RSS after load)"
+    lines = [f"| case | step s median (range) | ref pass s | training memory, {unit} "
+             "| peak RSS MB | RSS after load MB |", "|---|---|---|---|---|---|"]
     for case, outs in results.items():
-        steps = [s for o in outs for s in o["steps"]]
+        steps = [(s, o["rss_loaded_mb"]) for o in outs for s in o["steps"]]
         if not steps:
             continue
-        secs = [s["seconds"] for s in steps]
-        ref = [s["ref_seconds"] for s in steps if "ref_seconds" in s]
+        secs = [s["seconds"] for s, _ in steps]
+        ref = [s["ref_seconds"] for s, _ in steps if "ref_seconds" in s]
+        mem = [s["cuda_peak_mb"] if device == "cuda" else s["peak_rss_mb"] - loaded
+               for s, loaded in steps]
         rows[case] = {"seconds": median(secs), "ref_seconds": median(ref) if ref else 0.0,
-                      "memory_mb": median([s[mem_key] for s in steps]),
-                      "peak_rss_mb": median([s["peak_rss_mb"] for s in steps])}
+                      "memory_mb": median(mem),
+                      "peak_rss_mb": median([s["peak_rss_mb"] for s, _ in steps]),
+                      "rss_loaded_mb": median([loaded for _, loaded in steps])}
         r = rows[case]
         lines.append(f"| {case} | {r['seconds']:.2f} ({spread(secs)}) | "
-                     f"{r['ref_seconds']:.2f} | {r['memory_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['ref_seconds']:.2f} | {r['memory_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['rss_loaded_mb']:.0f} |")
     ratios: dict[str, float] = {}
     e = rows.get("edge_pu")
     if e and "trl" in rows:
@@ -235,14 +247,14 @@ def _summarise(results: dict[str, list[dict[str, Any]]], device: str) -> dict[st
         ratios["speed_vs_trl"] = t["seconds"] / (e["seconds"] + e["ref_seconds"])
         ratios["memory_vs_trl"] = e["memory_mb"] / max(t["memory_mb"], 1e-9)
         lines.append(f"\nedge_pu (step + ref pass) vs TRL (ref inside the step): speed "
-                     f"{ratios['speed_vs_trl']:.2f}x, peak memory added "
+                     f"{ratios['speed_vs_trl']:.2f}x, training memory "
                      f"{ratios['memory_vs_trl']:.2f}x")
     if e and "trl-precomputed" in rows:
         t = rows["trl-precomputed"]
         ratios["speed_vs_trl_precomputed"] = t["seconds"] / e["seconds"]
         ratios["memory_vs_trl_precomputed"] = e["memory_mb"] / max(t["memory_mb"], 1e-9)
         lines.append(f"edge_pu step vs TRL precompute_ref_log_probs step: speed "
-                     f"{ratios['speed_vs_trl_precomputed']:.2f}x, peak memory added "
+                     f"{ratios['speed_vs_trl_precomputed']:.2f}x, training memory "
                      f"{ratios['memory_vs_trl_precomputed']:.2f}x")
     return {"cases": rows, **ratios, "text": "\n".join(lines)}
 
