@@ -74,6 +74,20 @@ def random_qwen_dir(name: str) -> Path:
     return out
 
 
+def resident_rss_mb(model: Any) -> float:
+    """RSS after touching every weight of `model`: safetensors may be memory-mapped, so weights
+    become resident only when first read; a baseline taken before that would count them as
+    memory the first sampling or training step used."""
+    import torch
+
+    from edge_pu.eval.measure import rss_bytes
+
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.float().sum()
+    return rss_bytes() / 2**20
+
+
 def set_threads(n: int) -> int:
     import torch
 

@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_average, median, model_dir, run_child, set_threads, spread  # noqa: E402
+from common import (  # noqa: E402
+    load_average,
+    median,
+    model_dir,
+    resident_rss_mb,
+    run_child,
+    set_threads,
+    spread,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -67,7 +75,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.algo.losses import LOSSES, LossConfig
     from edge_pu.backends import TrainBatch, make_backend
     from edge_pu.config import load_config
-    from edge_pu.eval.measure import Stages, rss_bytes
+    from edge_pu.eval.measure import Stages
 
     cfg = load_config(None, base={
         "student": {"path": spec["model_dir"], "dtype": spec["dtype"]},
@@ -76,7 +84,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
                   "gradient_checkpointing": spec["gc"]}})
     backend: Any = make_backend(spec["device"])
     backend.load(cfg)
-    loaded = rss_bytes() / 2**20
+    loaded = resident_rss_mb(backend.model)
     pairs = make_pairs(backend.tok, spec["pairs"], spec["prompt_len"], spec["completion_len"])
     eos = backend.tok.eos_token_id
     prompts = [backend.token_ids(p["prompt"]) for p in pairs]
@@ -108,12 +116,12 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from edge_pu.eval.measure import Stages, rss_bytes
+    from edge_pu.eval.measure import Stages
 
     dtype = getattr(torch, spec["dtype"])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-    loaded = rss_bytes() / 2**20
+    loaded = resident_rss_mb(model)
     pairs = make_pairs(tok, spec["pairs"], spec["prompt_len"], spec["completion_len"])
     total = spec["warmup"] + spec["steps"]
     stages = Stages()

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_average, median, model_dir, run_child, set_threads, spread  # noqa: E402
+from common import (  # noqa: E402
+    load_average,
+    median,
+    model_dir,
+    resident_rss_mb,
+    run_child,
+    set_threads,
+    spread,
+)
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +47,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig, load_config
     from edge_pu.demo import DEFAULTS
-    from edge_pu.eval.measure import Stages, rss_bytes
+    from edge_pu.eval.measure import Stages
     from edge_pu.tasks import generate_tasks
 
     base = json.loads(json.dumps(DEFAULTS))
@@ -48,7 +56,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(None, base=base)
     backend: Any = make_backend(spec["device"])
     backend.load(cfg)
-    loaded = rss_bytes() / 2**20
+    loaded = resident_rss_mb(backend.model)
     tasks = generate_tasks(spec["prompts"], seed=0)
     prompts = [backend.chat_ids([{"role": "user", "content": t.prompt}]) for t in tasks]
     k, top_p = spec["k"], spec["top_p"]
