@@ -37,6 +37,16 @@ def smollm2_dir() -> Path:
     return resolve_student(str(find_demo_student()))[0]
 
 
+def student_path(name: str) -> Path:
+    """What `student.path` names for this model: the GGUF for smollm2, else the folder (the
+    llama.cpp sampler samples a GGUF student from its own file, a folder from an f32 GGUF)."""
+    if name == "smollm2":
+        from edge_pu.demo import find_demo_student
+
+        return find_demo_student()
+    return model_dir(name)
+
+
 def model_dir(name: str) -> Path:
     if name == "smollm2":
         return smollm2_dir()

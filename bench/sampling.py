@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     run_child,
     set_threads,
     spread,
+    student_path,
 )
 
 
@@ -47,7 +48,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig, load_config
     from edge_pu.demo import DEFAULTS
-    from edge_pu.eval.measure import Stages
+    from edge_pu.eval.measure import Stages, rss_bytes
     from edge_pu.tasks import generate_tasks
 
     base = json.loads(json.dumps(DEFAULTS))
@@ -83,7 +84,22 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=backend.pad_id)
         return int((out.shape[1] - width) * out.shape[0])
 
-    run = {"edge_pu": edge_pu, "hf": hf}[spec["engine"]]
+    def llamacpp(n_new: int) -> int:
+        sampler.eos_ids = set()  # bench only, as for edge_pu above
+        scfg = SamplingConfig(k=k, max_new_tokens=n_new, temperature=1.0, top_p=top_p)
+        out = sampler.sample(prompts, k, scfg, list(range(len(prompts))))
+        return sum(len(s.token_ids) for row in out for s in row)
+
+    if spec["engine"] == "edge_pu-llamacpp":
+        import tempfile
+
+        from edge_pu.backends.llamacpp_sampler import LlamaCppSampler
+
+        cfg = load_config(None, base={**base, "student": {"path": spec["student_path"]}})
+        sampler = LlamaCppSampler(cfg, backend.student_dir, Path(tempfile.mkdtemp()),
+                                  backend.eos_ids, backend.decode)
+        loaded = rss_bytes() / 2**20
+    run = {"edge_pu": edge_pu, "hf": hf, "edge_pu-llamacpp": llamacpp}[spec["engine"]]
     run(4)  # warm-up: first-call allocations and kernel selection
     stages = Stages()
     for r in range(spec["repeats"]):
@@ -112,6 +128,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per child process")
     ap.add_argument("--rounds", type=int, default=2, help="child processes per engine")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also time sampling.engine=llama-cpp (CPU: the student's GGUF + LoRA)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.child:
@@ -125,6 +143,9 @@ def main() -> None:
           f" x {args.max_new_tokens} tokens, top_p={args.top_p}, threads={args.threads}; "
           f"load average {load_average()}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {"edge_pu": [], "hf": []}
+    if args.llamacpp:
+        results["edge_pu-llamacpp"] = []
+        spec["student_path"] = str(student_path(args.model))
     for rnd in range(args.rounds):
         for engine in results:
             out = run_child(__file__, {**spec, "engine": engine})
@@ -152,11 +173,17 @@ def _summarise(results: dict[str, list[dict[str, Any]]], device: str) -> dict[st
         mem = [r[mem_key] for r in runs]
         rows[engine] = {"tokens_per_s": median(tps), "memory_mb": median(mem), "runs": len(runs)}
         lines.append(f"| {engine} | {median(tps):.1f} ({spread(tps)}) | {median(mem):.0f} |")
-    speed = rows["edge_pu"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
-    memory = rows["edge_pu"]["memory_mb"] / max(rows["hf"]["memory_mb"], 1e-9)
-    lines.append(f"\nratio edge_pu / HF generate: speed {speed:.2f}x, sampling memory "
-                 f"{memory:.2f}x")
-    return {"engines": rows, "speed_ratio": speed, "memory_ratio": memory,
+    ratios = {}
+    for engine in rows:
+        if engine == "hf":
+            continue
+        speed = rows[engine]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+        memory = rows[engine]["memory_mb"] / max(rows["hf"]["memory_mb"], 1e-9)
+        ratios[engine] = {"speed": speed, "memory": memory}
+        lines.append(f"\nratio {engine} / HF generate: speed {speed:.2f}x, sampling memory "
+                     f"{memory:.2f}x")
+    return {"engines": rows, "speed_ratio": ratios["edge_pu"]["speed"],
+            "memory_ratio": ratios["edge_pu"]["memory"], "ratios": ratios,
             "text": "\n".join(lines)}
 
 

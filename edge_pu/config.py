@@ -67,6 +67,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     prompt_batch: int = 8  # prompts decoded together (each with its K rows)
+    engine: str = "backend"  # backend | llama-cpp (CPU: draw candidates from the GGUF + LoRA)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ranker.judge_style": ("yesno", "rating"),
     "train.algorithm": ("dpo", "grpo"),
     "train.grpo_variant": ("advantage", "distribution"),
+    "sampling.engine": ("backend", "llama-cpp"),
     "train.pair_strategy": ("best-worst", "all"),
     "train.length_norm": ("sequence", "token"),
     "student.dtype": ("float32", "bfloat16"),

@@ -113,7 +113,9 @@ def _seed(*parts: object) -> int:
 
 
 def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: set[str],
-                 run_dir: Path, round_idx: int) -> dict[str, list[dict]]:
+                 run_dir: Path, round_idx: int, sampler: Any = None) -> dict[str, list[dict]]:
+    """K candidates per anchored prompt, drawn by `sampler` (default: the backend itself)."""
+    sampler = sampler or backend
     path = run_dir / "candidates.jsonl"
     # Keyed by candidate index, so a prompt resampled after a crash (same seed, same samples)
     # replaces rather than duplicates what an interrupted write left behind.
@@ -128,7 +130,7 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
             chunk = todo[s: s + step]
             ids = [backend.chat_ids([{"role": "user", "content": p.text}]) for p in chunk]
             seeds = [_seed(cfg.sampling.seed, round_idx, p.id) for p in chunk]
-            for p, samples in zip(chunk, backend.sample(ids, cfg.sampling.k, cfg.sampling,
+            for p, samples in zip(chunk, sampler.sample(ids, cfg.sampling.k, cfg.sampling,
                                                         seeds), strict=True):
                 recs = [{"round": round_idx, "prompt_id": p.id, "k": j, "text": x.text,
                          "token_ids": x.token_ids, "finished": x.finished}
@@ -190,6 +192,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     by_id = {p.id: p for p in prompts}
     done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
             if m.get("event") == "round_end"}
+    sampler = _make_sampler(backend, cfg, run_dir)
     for r in range(1, cfg.train.rounds + 1):
         state = run_dir / "state" / f"round-{r}"
         if r in done and (state / "COMPLETE").exists():
@@ -197,7 +200,12 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
             print(f"[round {r}] already trained; resumed from {state}", flush=True)
             result.rounds.append({k: v for k, v in done[r].items() if k != "event"})
             continue
-        result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r))
+        if sampler is not None and r > 1:  # round r samples from what round r-1 trained
+            adapter = run_dir / "sampler" / f"adapter-r{r - 1}"
+            backend.save_adapter(adapter)
+            sampler.refresh(adapter, f"r{r - 1}")
+        result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r,
+                                        sampler))
         # Written beside, then renamed: a crash mid-save never leaves a half state that
         # looks complete.
         tmp = state.with_name(state.name + ".tmp")
@@ -224,12 +232,27 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     return result
 
 
+def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
+    """None (the backend samples), or the llama.cpp sampler over the student's GGUF."""
+    if cfg.sampling.engine == "backend":
+        return None
+    if backend.name != "cpu":
+        raise EdgePuError(f"sampling.engine: llama-cpp is the CPU backend's sampler; backend "
+                          f"{backend.name} samples itself (use sampling.engine: backend).")
+    from .backends.llamacpp_sampler import LlamaCppSampler
+
+    print(f"[sampler] llama.cpp, from {cfg.student.path}", flush=True)
+    return LlamaCppSampler(cfg, backend.student_dir, run_dir / "sampler", backend.eos_ids,
+                           backend.decode)
+
+
 def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
-               anchors: dict[str, str], run_dir: Path, r: int) -> dict[str, Any]:
+               anchors: dict[str, str], run_dir: Path, r: int, sampler: Any = None
+               ) -> dict[str, Any]:
     # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
-    cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r)
+    cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
     scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
     prompt_ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
                   for pid in cands}

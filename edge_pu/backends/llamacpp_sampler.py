@@ -1,0 +1,166 @@
+"""Candidate sampling on CPU through llama.cpp, from the student's own GGUF plus the current LoRA.
+
+`sampling.engine: llama-cpp` with `backend: cpu`. Torch stays the reference and does the
+training, the log-probs and the ranking; llama.cpp only draws the K candidates, from the same
+weights training sees:
+
+  - a `.gguf` student is sampled from that very file (training uses its dequantized weights,
+    so both read the same numbers; llama.cpp quantizes activations inside its q4/q8 dot
+    products, which moves logits by a few hundredths);
+  - an HF-folder student is written once as an f32 GGUF into the cache (exact).
+
+After each round the trained adapter is written as a GGUF LoRA (edge_pu.export.lora_gguf) and
+the model is reloaded with it, so round r+1 samples from the policy round r produced.
+
+Each prompt is evaluated once; its K candidates then decode one after another from the
+prompt's KV cache (the cache past the prompt is dropped between candidates), and each prompt
+draws its tokens from its own seeded generator, as the torch backend does, so a prompt's
+candidates do not depend on the other prompts in the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig, SamplingConfig
+from ..errors import EdgePuError
+from .base import Sample
+
+
+def draw(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
+    """Next token from one row of logits; `u` in [0, 1) picks it by inverse CDF. Temperature 0
+    is greedy. Top-p keeps the smallest head of the sorted distribution whose mass reaches p."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        keep = np.cumsum(sorted_p) - sorted_p < top_p
+        p = np.zeros_like(p)
+        p[order[keep]] = sorted_p[keep]
+    cdf = np.cumsum(p)
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1))
+
+
+def student_gguf(student_path: str, student_dir: Path) -> Path:
+    """The GGUF llama.cpp samples from: the student's own file, else an f32 copy in the cache."""
+    src = Path(student_path).expanduser()
+    if src.is_file() and src.suffix == ".gguf":
+        return src
+    from ..export.gguf_writer import write_gguf
+    from ..quant.student import cache_root
+
+    weights = sorted(p for p in student_dir.glob("*.safetensors*"))
+    tag = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                  for p in weights).encode()).hexdigest()[:12]
+    out = cache_root() / "gguf" / f"{student_dir.name}-{tag}-f32.gguf"
+    if not out.exists():
+        print(f"[sampler] writing {student_dir} as f32 GGUF for llama.cpp: {out}", flush=True)
+        tmp = out.with_name(out.name + ".tmp")
+        write_gguf(student_dir, tmp, "f32")
+        tmp.replace(out)
+    return out
+
+
+class LlamaCppSampler:
+    """Draws candidates with llama-cpp-python; `refresh(adapter_dir)` applies a new LoRA."""
+
+    def __init__(self, cfg: RunConfig, student_dir: Path, work_dir: Path,
+                 eos_ids: Sequence[int], decode: Any) -> None:
+        if cfg.student.quant != "none":
+            raise EdgePuError(f"sampling.engine: llama-cpp samples the GGUF weights, but "
+                              f"student.quant is {cfg.student.quant}, so training would see "
+                              "other weights; use sampling.engine: backend.")
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise EdgePuError("sampling.engine: llama-cpp needs llama-cpp-python "
+                              "(`pip install llama-cpp-python`, compiles in ~10 min), or use "
+                              "sampling.engine: backend.") from None
+        self.gguf = student_gguf(cfg.student.path, student_dir)
+        self.student_dir = student_dir
+        self.work_dir = work_dir
+        self.n_ctx = cfg.student.max_length
+        self.eos_ids = set(eos_ids)
+        self.decode = decode
+        self.lora: Path | None = None
+        self.llm: Any = None
+        self._load()
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+
+        if self.llm is not None:
+            self.llm.close()
+        kwargs: dict[str, Any] = {"lora_path": str(self.lora)} if self.lora else {}
+        if self.gguf.name.endswith("-f32.gguf"):  # an exact copy: keep the KV cache exact too
+            kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32 (default f16 moves logits ~1e-2)
+        self.llm = Llama(model_path=str(self.gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                         n_threads=_threads(), seed=0, verbose=False, **kwargs)
+        self.n_vocab = self.llm.n_vocab()
+
+    def refresh(self, adapter_dir: Path | None, tag: str) -> None:
+        """Sample from base + this PEFT adapter from now on (None: the base alone)."""
+        if adapter_dir is None:
+            self.lora = None
+        else:
+            from ..export.lora_gguf import write_lora_gguf
+
+            self.lora = write_lora_gguf(adapter_dir, self.student_dir,
+                                        self.work_dir / f"lora-{tag}.gguf")
+        self._load()
+
+    def _logits(self) -> np.ndarray:
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
+               seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
+        if not adapter and self.lora is not None:
+            raise EdgePuError("llama-cpp sampler: reference-policy sampling is not offered.")
+        return [self._sample_prompt(p, k, cfg, seed) for p, seed in zip(prompt_ids, seeds,
+                                                                          strict=True)]
+
+    def _sample_prompt(self, prompt: list[int], k: int, cfg: SamplingConfig, seed: int
+                       ) -> list[Sample]:
+        if len(prompt) + cfg.max_new_tokens > self.n_ctx:
+            raise EdgePuError(f"a prompt of {len(prompt)} tokens plus sampling.max_new_tokens "
+                              f"{cfg.max_new_tokens} exceeds student.max_length {self.n_ctx}.")
+        rng = np.random.default_rng(seed)
+        self.llm.reset()
+        self.llm.eval(prompt)
+        first = self._logits()
+        out = []
+        for _ in range(k):
+            self.llm.n_tokens = len(prompt)  # eval() drops the KV cache past this point
+            logits, tokens = first, []
+            for step in range(cfg.max_new_tokens):
+                tok = draw(logits, cfg.temperature, cfg.top_p, float(rng.random()))
+                tokens.append(tok)
+                if tok in self.eos_ids or step == cfg.max_new_tokens - 1:
+                    break
+                self.llm.eval([tok])
+                logits = self._logits()
+            finished = tokens[-1] in self.eos_ids
+            out.append(Sample(tokens, self.decode(tokens), finished))
+        return out
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def _threads() -> int:
+    """As many threads as torch uses (OMP_NUM_THREADS or torch.set_num_threads decide)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
