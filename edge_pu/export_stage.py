@@ -40,10 +40,16 @@ def export_run(run_dir: str | Path, fmt: str, *, quant: str | None = None,
     if not saved.exists() or not (adapter / "adapter_config.json").exists():
         raise EdgePuError(f"{run_dir}: not a finished run (needs config.resolved.yaml and "
                           "adapter/); run `edge-pu run` first.")
-    student = (yaml.safe_load(saved.read_text()) or {}).get("student", {}).get("path", "")
+    student_cfg = (yaml.safe_load(saved.read_text()) or {}).get("student", {})
+    student = student_cfg.get("path", "")
     if not student or not Path(student).exists():
         raise EdgePuError(f"{saved}: student.path {student!r} does not exist here; the export "
                           "merges the adapter into the weights it was trained on.")
+    if student_cfg.get("quant") == "nf4":  # QLoRA: the base training saw is the NF4 one
+        from .quant.nf4 import nf4_base_dir
+        from .quant.student import resolve_student
+
+        student = str(nf4_base_dir(resolve_student(student)[0]))
     out = run_dir / "export" / (fmt if not quant else f"{fmt}-{quant}")
     if not force and _passed_and_fresh(out, adapter):
         print(f"[export] {fmt}: already verified in {out}", flush=True)

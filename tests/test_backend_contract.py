@@ -494,3 +494,36 @@ def test_mlx_quantized_matches_dequantized_reference(arch: str, request: pytest.
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
     assert [s.token_ids for s in q.sample(p[:1], 2, greedy, [0])[0]] == \
         [s.token_ids for s in ref.sample(p[:1], 2, greedy, [0], adapter=False)[0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cpu_nf4_trains_on_and_merges_into_its_4bit_base(arch: str,
+                                                         request: pytest.FixtureRequest,
+                                                         data: dict[str, Any], tmp_path: Path
+                                                         ) -> None:
+    """nf4 on CPU (bitsandbytes): the 4-bit base really is quantized, stays frozen through a
+    step, and `merge` folds the adapter into the dequantized NF4 weights (what training saw),
+    so the merged dense model reproduces the QLoRA policy; merging into the original fp32
+    weights instead would be off by the NF4 rounding error."""
+    pytest.importorskip("bitsandbytes")
+    from edge_pu.backends.base import NF4
+    from edge_pu.export import merge_adapter
+    from edge_pu.quant.nf4 import nf4_base_dir
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    q = load("cpu", model_dir, quant="nf4")
+    assert q.quant_format == "nf4" and NF4 in q.capabilities
+    p, c = data["prompts"], data["comps"]
+    base = q.logprobs(p, c, adapter=False)
+    fp = load("cpu", model_dir)
+    assert max_diff(base, fp.logprobs(p, c, adapter=False)) > QUANT_TOL  # really quantized
+    assert max_diff(base, load("cpu", nf4_base_dir(model_dir)).logprobs(p, c, adapter=False)
+                    ) <= QUANT_TOL
+    q.train_step(step_batches(data, q, "dpo"), LOSSES["dpo"], LossConfig())
+    assert max_diff(q.logprobs(p, c, adapter=False), base) <= 1e-6  # frozen 4-bit base
+    trained = q.logprobs(p, c)
+    assert max_diff(trained, base) > 1e-3  # the step moved the policy
+    merged = load("cpu", q.merge(tmp_path / "merged"))
+    assert max_diff(merged.logprobs(p, c, adapter=False), trained) <= QUANT_TOL
+    naive = load("cpu", merge_adapter(model_dir, tmp_path / "merged.adapter", tmp_path / "x"))
+    assert max_diff(naive.logprobs(p, c, adapter=False), trained) > QUANT_TOL

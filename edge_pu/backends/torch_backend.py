@@ -367,7 +367,12 @@ class TorchBackend:
 
         tmp = out_dir.parent / (out_dir.name + ".adapter")
         self.save_adapter(tmp)
-        return merge_adapter(self.student_dir, tmp, out_dir)
+        base = self.student_dir
+        if self.quant_format == "nf4":  # merge into the 4-bit weights training saw, dequantized
+            from ..quant.nf4 import nf4_base_dir
+
+            base = nf4_base_dir(self.student_dir)
+        return merge_adapter(base, tmp, out_dir)
 
 
 def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""The dense weights an NF4 (QLoRA) run trained against: dequantize(quantize_nf4(W)).
+
+A QLoRA adapter learned its update on top of the 4-bit base, not on top of the original dense
+weights. Merging it into the original W would add the NF4 rounding error (about 1e-2 relative
+per weight) back on top of an update that may have learned to compensate part of it, so the
+merged model would not be the model that was trained. `nf4_base_dir` quantizes the student with
+the same bitsandbytes settings the backend uses (NF4, double quant, blocksize 64), dequantizes
+every 4-bit layer back to fp32 and saves the result as a plain HF dir, once, in the cache.
+Layers bitsandbytes leaves dense (embeddings, norms, the LM head) are copied unchanged.
+
+NF4 quantization is elementwise given each block's absmax, so the CPU and CUDA kernels give the
+same codes; training on CUDA computed with the dequantized weight in bf16, which differs from
+this fp32 copy by bf16 rounding only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .student import cache_root
+
+
+def nf4_base_dir(student_dir: str | Path) -> Path:
+    """HF dir of `student_dir`'s weights after an NF4 round trip (cached)."""
+    student_dir = Path(student_dir)
+    weights = sorted(student_dir.glob("*.safetensors*"))
+    tag = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                  for p in weights).encode()).hexdigest()[:12]
+    out = cache_root() / "nf4" / f"{student_dir.name}-{tag}"
+    if (out / "edge_pu_nf4.json").exists():
+        return out
+    import bitsandbytes.functional as bnbf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    print(f"[nf4] writing the dequantized NF4 base of {student_dir} into {out} (once)",
+          flush=True)
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32,
+                                                     quantization_config=qcfg,
+                                                     device_map={"": "cpu"})
+    state = {}
+    for name, module in quantized.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and getattr(weight, "quant_state", None) is not None:
+            state[f"{name}.weight"] = bnbf.dequantize_4bit(weight.data, weight.quant_state
+                                                           ).float()
+    config = quantized.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    dense = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    sd = dense.state_dict()
+    missing = [k for k in state if k not in sd]
+    if missing:
+        raise RuntimeError(f"NF4 layers without a dense counterpart: {missing[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            sd[key].copy_(value.reshape(sd[key].shape))
+    tmp = out.with_name(out.name + ".tmp")
+    dense.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp)
+    (tmp / "edge_pu_nf4.json").write_text(json.dumps(
+        {"source": str(student_dir.resolve()), "quant": "nf4", "double_quant": True,
+         "layers": len(state)}))
+    tmp.replace(out) if not out.exists() else None
+    return out
