@@ -69,9 +69,15 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
 
 def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,
                     batch: int = 8) -> None:
-    """Fill each unit's reference (and, for GRPO, sampling-policy) token log-probs."""
+    """Fill each unit's reference (and, for GRPO, sampling-policy) token log-probs.
+
+    While the adapter is still the identity (PEFT's zero-initialised B: the first round of a
+    fresh run), the policy is the reference, so its log-probs are copied, not recomputed.
+    """
     rows = [(u, j) for u in units for j in range(len(u.completions))]
-    for field, adapter in (("ref", False), ("old", True)) if need_old else (("ref", False),):
+    identity = need_old and getattr(backend, "adapter_is_identity", lambda: False)()
+    fields = (("ref", False), ("old", True)) if need_old and not identity else (("ref", False),)
+    for field, adapter in fields:
         for u in units:
             setattr(u, field, [[] for _ in u.completions])
         for s in range(0, len(rows), batch):
@@ -80,6 +86,9 @@ def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,
                                    [u.completions[j] for u, j in chunk], adapter=adapter)
             for (u, j), lp in zip(chunk, lps, strict=True):
                 getattr(u, field)[j] = lp
+    if identity:
+        for u in units:
+            u.old = [list(lp) for lp in u.ref or []]
 
 
 def to_batch(units: Sequence[Unit], weight: float, grpo: bool) -> TrainBatch:

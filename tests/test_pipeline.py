@@ -153,3 +153,30 @@ def test_two_rounds_move_mass_to_top_ranked(tmp_path: Path, tiny_llama_dir: Path
     # Before training the policy is the reference, so every log-ratio is 0 and the gap is 0;
     # after training the top-ranked candidates of round 2 gained on the bottom-ranked ones.
     assert _margin_top_vs_bottom(backend, cfg, run_dir, 2) > 0.0
+
+
+def test_policy_logprobs_are_copied_only_while_the_adapter_is_the_identity(
+        tiny_llama_dir: Path) -> None:
+    """A fresh adapter (B = 0) leaves the policy equal to the reference, so attach_logprobs
+    copies the reference log-probs instead of a second pass; once B moves it computes them."""
+    import torch
+
+    from edge_pu.backends import make_backend
+    from edge_pu.train import Unit, attach_logprobs
+
+    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu"})
+    backend = make_backend("cpu")
+    backend.load(cfg)
+    prompt = backend.chat_ids([{"role": "user", "content": PROMPTS[0]}])
+    comps = [backend.token_ids(t) for t in ("the answer is five", "two plus three")]
+    fresh = Unit("p0", prompt, comps)
+    assert backend.adapter_is_identity()
+    attach_logprobs(backend, [fresh], need_old=True)
+    assert fresh.old == fresh.ref
+    assert fresh.ref == backend.logprobs([prompt, prompt], comps, adapter=True)  # exact
+    with torch.no_grad():
+        next(p for n, p in backend.model.named_parameters() if "lora_B" in n).fill_(0.5)
+    assert not backend.adapter_is_identity()
+    moved = Unit("p0", prompt, comps)
+    attach_logprobs(backend, [moved], need_old=True)
+    assert moved.ref == fresh.ref and moved.old != moved.ref

@@ -362,6 +362,12 @@ class TorchBackend:
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
 
+    def adapter_is_identity(self) -> bool:
+        """True while every LoRA B is zero, so the policy equals the reference exactly."""
+        with torch.no_grad():
+            return all(not bool(p.any()) for n, p in self.model.named_parameters()
+                       if "lora_B" in n)
+
     def merge(self, out_dir: Path) -> Path:
         from ..export.merge import merge_adapter
 
