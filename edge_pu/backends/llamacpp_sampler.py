@@ -34,20 +34,28 @@ from .base import Sample
 
 def draw(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
     """Next token from one row of logits; `u` in [0, 1) picks it by inverse CDF. Temperature 0
-    is greedy. Top-p keeps the smallest head of the sorted distribution whose mass reaches p."""
+    is greedy. Top-p keeps the smallest head of the sorted distribution whose mass reaches p;
+    the CDF then runs over that head in sorted order (only the head is ever sorted: a full
+    argsort of a 49k vocabulary per token cost a quarter of the decode time)."""
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        sorted_p = p[order]
-        keep = np.cumsum(sorted_p) - sorted_p < top_p
-        p = np.zeros_like(p)
-        p[order[keep]] = sorted_p[keep]
-    cdf = np.cumsum(p)
-    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1))
+    if top_p >= 1.0:
+        cdf = np.cumsum(p)
+        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(p) - 1))
+    n, m = len(p), min(len(p), 64)
+    while True:
+        head = np.argpartition(-p, m - 1)[:m] if m < n else np.arange(n)
+        head = head[np.argsort(-p[head], kind="stable")]
+        mass = np.cumsum(p[head])
+        if mass[-1] >= top_p or m == n:
+            break
+        m = min(n, m * 8)
+    keep = max(1, int(np.count_nonzero(mass - p[head] < top_p)))  # a prefix: mass ascends
+    return int(head[min(np.searchsorted(mass[:keep], u * mass[keep - 1], side="right"),
+                        keep - 1)])
 
 
 def student_gguf(student_path: str, student_dir: Path) -> Path:
