@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"kind": "oracle"},
     "sampling": {"k": 4, "max_new_tokens": 40, "temperature": 1.0, "top_p": 0.95},
     "ranker": {"mode": "likelihood", "batch_size": 16},
-    "train": {"algorithm": "dpo", "epochs": 2, "batch_size": 4, "micro_batch": 4, "lr": 5e-4,
+    "train": {"algorithm": "dpo", "epochs": 1, "batch_size": 4, "micro_batch": 4, "lr": 5e-4,
               "beta": 0.1, "grpo_variant": "distribution", "tau": 0.5},
     "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                       "gate_proj", "up_proj", "down_proj"]},
