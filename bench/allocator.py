@@ -27,14 +27,11 @@ def main() -> None:
     ap.add_argument("setting")
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args()
-    import edge_pu.planner as planner
+    import os
 
-    pin = planner.pin_cpu_allocator
-    if args.setting == "default":
-        planner.pin_cpu_allocator = lambda *a, **k: False
-    else:
-        threshold = int(float(args.setting) * 2**20)
-        planner.pin_cpu_allocator = lambda *a, **k: pin(threshold)
+    # Read by edge_pu.planner.cpu_allocator_threshold when the backend loads; 0 = glibc's own.
+    os.environ["EDGE_PU_MMAP_THRESHOLD"] = "0" if args.setting == "default" else str(
+        int(float(args.setting) * 2**20))
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig, load_config
     from edge_pu.demo import DEFAULTS

@@ -114,9 +114,11 @@ def run_case(case: dict[str, Any], model_dir: str, pin: bool = True) -> dict[str
 
     from edge_pu.algo.losses import LOSSES
     from edge_pu.backends.torch_backend import CPUBackend
-    from edge_pu.planner import pin_cpu_allocator
+    from edge_pu.planner import TIGHT_MMAP_THRESHOLD, pin_cpu_allocator
     from edge_pu.train import Unit, attach_logprobs, loss_config, to_batch
 
+    # The tight setting the predictions assume (the backend's load keeps it), or none at all.
+    os.environ["EDGE_PU_MMAP_THRESHOLD"] = str(TIGHT_MMAP_THRESHOLD if pin else 0)
     if pin:
         pin_cpu_allocator()
     if case.get("threads"):

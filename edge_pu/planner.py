@@ -405,7 +405,12 @@ def plan_command(config: str, overrides: list[str], device: str = "") -> int:
     return 1
 
 
-def pin_cpu_allocator(threshold: int = 4 * 2**20) -> bool:
+TIGHT_MMAP_THRESHOLD = 128 * 1024  # what the CPU predictions are measured under
+FAST_MMAP_THRESHOLD = 4 * 2**20
+FAST_HEADROOM = 1.5  # the fast setting's peak RSS measured up to 1.38x the tight one's
+
+
+def pin_cpu_allocator(threshold: int = TIGHT_MMAP_THRESHOLD) -> bool:
     """Make glibc hand freed tensor memory back to the OS; True where it applied (Linux glibc).
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
@@ -413,11 +418,10 @@ def pin_cpu_allocator(threshold: int = 4 * 2**20) -> bool:
     RSS then holds the previous step's peak plus fragmentation, measured here at up to 1.6x the
     live tensors and growing from step to step. A fixed threshold keeps every tensor above it
     in its own mapping, returned on free, so RSS follows the live tensors this planner counts.
-    The threshold is 4 MiB, not lower: every mapping is page-faulted in afresh when touched, and
-    at 128 KiB the per-token tensors of decoding (one row of logits is 192 KiB for a 49k vocab)
-    cost 1.9M page faults and 25-35% of sampling time on SmolLM2 (bench note in
-    bench/README.md); at 4 MiB sampling runs as fast as with glibc's default and peak RSS stays
-    within 2% of the 128 KiB setting. Call it before loading a model.
+    That has a price: every mapping is page-faulted in afresh when touched. On SmolLM2 (bench/
+    allocator.py, bench/README.md) 128 KiB made a DPO step of 8 rows 1.8x slower (8.3 s vs
+    4.5 s) and sampling 1.3x slower than a 4 MiB threshold, which in turn peaked 38% higher
+    (3.0 GB vs 2.2 GB). `cpu_allocator_threshold` picks between the two per run.
     """
     import ctypes
     import sys
@@ -430,3 +434,23 @@ def pin_cpu_allocator(threshold: int = 4 * 2**20) -> bool:
         return False
     m_mmap_threshold = -3
     return bool(libc.mallopt(m_mmap_threshold, threshold))
+
+
+def cpu_allocator_threshold(cfg: RunConfig) -> int:
+    """The mmap threshold for this run: fast (4 MiB) where the predicted peak, with the fast
+    setting's extra heap, still fits the memory budget 1.5 times over; else tight (128 KiB),
+    under which the predictions were measured. $EDGE_PU_MMAP_THRESHOLD (bytes; 0 leaves glibc's
+    dynamic threshold alone) overrides."""
+    import os
+
+    env = os.environ.get("EDGE_PU_MMAP_THRESHOLD", "")
+    if env.isdigit():
+        return int(env)
+    try:
+        budget, _ = budget_for(cfg, "cpu")
+        p = plan(cfg, read_model_shape(model_config_path(cfg.student.path)),
+                 budget_bytes=budget or 2**62, backend="cpu")
+    except (EdgePuError, OSError, ValueError, KeyError):
+        return TIGHT_MMAP_THRESHOLD  # cannot size the run: stay predictable
+    fast = budget and p.given_peak * FAST_HEADROOM <= budget
+    return FAST_MMAP_THRESHOLD if fast else TIGHT_MMAP_THRESHOLD

@@ -206,3 +206,34 @@ def test_predicted_peak_within_15_percent_of_measured_rss() -> None:
     rows = bench.compare(cases, fast=True, threads=1)
     report = {r["case"]: round(r["ratio"], 3) for r in rows}
     assert all(0.85 <= r["ratio"] <= 1.15 for r in rows), report
+
+
+def test_allocator_is_fast_only_with_headroom(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4 MiB mmap threshold (faster, up to 1.38x more RSS) only where the predicted peak
+    fits the budget 1.5 times over; otherwise the tight 128 KiB the predictions assume."""
+    from edge_pu.planner import (
+        FAST_MMAP_THRESHOLD,
+        TIGHT_MMAP_THRESHOLD,
+        budget_for,
+        cpu_allocator_threshold,
+        plan,
+    )
+
+    monkeypatch.delenv("EDGE_PU_MMAP_THRESHOLD", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN05))
+    for device, length in (("laptop-cpu-8gb", 1024), ("laptop-cpu-16gb", 256)):
+        cfg = cfg_of(device=device, student={"path": str(tmp_path), "max_length": length},
+                     train={"micro_batch": 2, "gradient_checkpointing": True})
+        budget = budget_for(cfg, "cpu")[0]
+        peak = plan(cfg, QWEN05, budget_bytes=budget, backend="cpu").given_peak
+        want = FAST_MMAP_THRESHOLD if 1.5 * peak <= budget else TIGHT_MMAP_THRESHOLD
+        assert cpu_allocator_threshold(cfg) == want
+    assert cpu_allocator_threshold(cfg) == FAST_MMAP_THRESHOLD  # 16 GB, short sequences
+    tight = cfg_of(device="laptop-cpu-8gb", student={"path": str(tmp_path), "max_length": 2048})
+    assert cpu_allocator_threshold(tight) == TIGHT_MMAP_THRESHOLD
+    monkeypatch.setenv("EDGE_PU_MMAP_THRESHOLD", "0")
+    assert cpu_allocator_threshold(tight) == 0
+    missing = cfg_of(student={"path": str(tmp_path / "nowhere")})
+    monkeypatch.delenv("EDGE_PU_MMAP_THRESHOLD")
+    assert cpu_allocator_threshold(missing) == TIGHT_MMAP_THRESHOLD

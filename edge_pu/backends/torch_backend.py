@@ -49,11 +49,14 @@ class TorchBackend:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..planner import pin_cpu_allocator
+        from ..planner import cpu_allocator_threshold, pin_cpu_allocator
         from ..quant.student import resolve_student
 
         if self.device.type == "cpu":
-            pin_cpu_allocator()  # RSS then follows live tensors, as the planner predicts
+            # Tight (RSS follows live tensors, as the planner predicts) unless memory is ample.
+            threshold = cpu_allocator_threshold(cfg)
+            if threshold:
+                pin_cpu_allocator(threshold)
         self.cfg = cfg
         self.student_dir, source_quant = resolve_student(cfg.student.path)
         dtype = getattr(torch, cfg.student.dtype)
