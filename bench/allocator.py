@@ -26,6 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("setting")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--train", action="store_true",
+                    help="instead: 6 DPO steps of 4 pairs (10-40 random completion tokens)")
     args = ap.parse_args()
     import os
 
@@ -43,6 +45,9 @@ def main() -> None:
     b.load(cfg)  # type: ignore[attr-defined]
     ids = [b.chat_ids([{"role": "user", "content": t.prompt}])  # type: ignore[attr-defined]
            for t in generate_tasks(8, seed=0)]
+    if args.train:
+        _train(b, ids)
+        return
     b.eos_ids = []  # type: ignore[attr-defined]
     b.sample(ids[:2], 4, SamplingConfig(k=4, max_new_tokens=4), [0, 1])  # type: ignore
     sc = SamplingConfig(k=4, max_new_tokens=32, temperature=1.0, top_p=0.95, prompt_batch=8)
@@ -61,6 +66,25 @@ def main() -> None:
     print(f"threshold {args.setting}: sample {t1 - t0:.1f} s ({f1 - f0} faults, sys "
           f"{s1 - s0:.1f} s) | reference log-probs {t2 - t1:.1f} s ({f2 - f1} faults, sys "
           f"{s2 - s1:.1f} s) | peak RSS {peak:.0f} MB")
+
+
+def _train(b: object, ids: list[list[int]]) -> None:
+    import random
+
+    from edge_pu.algo.losses import LOSSES, LossConfig
+    from edge_pu.backends import TrainBatch
+
+    rng, times = random.Random(0), []
+    for step in range(6):
+        prompts = [ids[(4 * step + i) % len(ids)] for i in range(4) for _ in (0, 1)]
+        comps = [[rng.randrange(100, 40000) for _ in range(rng.randint(10, 40))] for _ in range(8)]
+        ref = b.logprobs(prompts, comps, adapter=False)  # type: ignore[attr-defined]
+        batch = TrainBatch(prompts, comps, ref, pairs=[(2 * i, 2 * i + 1) for i in range(4)])
+        t0 = time.perf_counter()
+        b.train_step([batch], LOSSES["dpo"], LossConfig())  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"DPO steps s: {' '.join(f'{t:.2f}' for t in times)} | peak RSS {peak:.0f} MB")
 
 
 if __name__ == "__main__":
