@@ -171,3 +171,22 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
     # The cached candidates and results belong to this config: another one is refused.
     assert main(argv + ["--set", "train.lr=0.1"]) != 0
+
+
+def test_eval_folder_from_an_older_edge_pu_is_reused(tmp_path: Path) -> None:
+    """A key added to the config since an eval folder was made (e.g. sampling.engine) counts
+    as its default; a changed value is still refused."""
+    from edge_pu.config import RunConfig, config_to_dict, load_config
+    from edge_pu.errors import EdgePuError
+    from edge_pu.eval.suite import _check_fingerprint
+
+    cfg = RunConfig()
+    _check_fingerprint(tmp_path, cfg, {"n": 1}, 0)
+    saved = json.loads((tmp_path / "eval_config.json").read_text())
+    del saved["config"]["sampling"]["engine"]  # as written before the key existed
+    (tmp_path / "eval_config.json").write_text(json.dumps(saved))
+    _check_fingerprint(tmp_path, cfg, {"n": 1}, 0)
+    changed = config_to_dict(cfg)
+    changed["sampling"]["k"] = 8
+    with pytest.raises(EdgePuError, match="sampling"):
+        _check_fingerprint(tmp_path, load_config(None, base=changed), {"n": 1}, 0)

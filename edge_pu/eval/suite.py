@@ -255,6 +255,11 @@ def _check_fingerprint(out: Path, cfg: RunConfig, sizes: dict[str, int], task_se
     path = out / "eval_config.json"
     if path.exists():
         old = json.loads(path.read_text())
+        # Keys added to edge_pu since the folder was made count as their defaults.
+        default = json.loads(json.dumps(config_to_dict(RunConfig())))
+        old["config"] = {k: {**default[k], **v} if isinstance(v, dict) and
+                         isinstance(default.get(k), dict) else v
+                         for k, v in old.get("config", {}).items()}
         if old != json.loads(json.dumps(now)):
             changed = sorted(k for k in set(old["config"]) | set(now["config"])
                              if old["config"].get(k) != now["config"].get(k))
