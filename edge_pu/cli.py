@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="import_path", help="add anchors from this JSONL")
     p.set_defaults(func=cmd_anchors)
     p = sub.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M-Instruct")
-    p.add_argument("--algorithm", default="dpo", choices=["dpo", "grpo"])
+    p.add_argument("--algorithm", default="grpo", choices=["dpo", "grpo"],
+                   help="grpo (default; advantage variant, --set train.grpo_variant="
+                        "distribution for the other) or dpo")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
