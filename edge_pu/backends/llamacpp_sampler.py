@@ -20,7 +20,6 @@ candidates do not depend on the other prompts in the run.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,12 +63,9 @@ def student_gguf(student_path: str, student_dir: Path) -> Path:
     if src.is_file() and src.suffix == ".gguf":
         return src
     from ..export.gguf_writer import write_gguf
-    from ..quant.student import cache_root
+    from ..quant.student import cache_root, weights_tag
 
-    weights = sorted(p for p in student_dir.glob("*.safetensors*"))
-    tag = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                  for p in weights).encode()).hexdigest()[:12]
-    out = cache_root() / "gguf" / f"{student_dir.name}-{tag}-f32.gguf"
+    out = cache_root() / "gguf" / f"{student_dir.name}-{weights_tag(student_dir)}-f32.gguf"
     if not out.exists():
         print(f"[sampler] writing {student_dir} as f32 GGUF for llama.cpp: {out}", flush=True)
         tmp = out.with_name(out.name + ".tmp")

@@ -15,20 +15,16 @@ this fp32 copy by bf16 rounding only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from .student import cache_root
+from .student import cache_root, weights_tag
 
 
 def nf4_base_dir(student_dir: str | Path) -> Path:
     """HF dir of `student_dir`'s weights after an NF4 round trip (cached)."""
     student_dir = Path(student_dir)
-    weights = sorted(student_dir.glob("*.safetensors*"))
-    tag = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                  for p in weights).encode()).hexdigest()[:12]
-    out = cache_root() / "nf4" / f"{student_dir.name}-{tag}"
+    out = cache_root() / "nf4" / f"{student_dir.name}-{weights_tag(student_dir)}"
     if (out / "edge_pu_nf4.json").exists():
         return out
     import bitsandbytes.functional as bnbf

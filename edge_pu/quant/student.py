@@ -23,6 +23,14 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def weights_tag(model_dir: Path) -> str:
+    """A short hash of a model dir's weight files (path, size, mtime): names derived copies in
+    the cache, so an edited or replaced student gets a fresh one."""
+    files = sorted(model_dir.glob("*.safetensors*"))
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def gguf_file_type(path: Path) -> str:
     from gguf import GGUFReader, LlamaFileType
 
