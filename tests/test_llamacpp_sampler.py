@@ -77,6 +77,10 @@ def test_greedy_with_lora_matches_torch_with_adapter(pair) -> None:
     ours = [s[0].token_ids for s in sampler.sample(ids, 1, greedy, seeds)]
     ref = [s[0].token_ids for s in backend.sample(ids, 1, greedy, seeds)]
     assert ours == ref
+    # K = 3 greedy candidates decode as 3 sequences of one batch over the shared prompt cells:
+    # each must still be the torch continuation.
+    assert [[c.token_ids for c in s] for s in sampler.sample(ids, 3, greedy, seeds)] == \
+        [[r] * 3 for r in ref]
     assert sum(len(r) for r in ref) >= 3 * len(PROMPTS)  # real continuations, not empty
     assert base != ours  # the LoRA is applied: the base alone decodes differently
 

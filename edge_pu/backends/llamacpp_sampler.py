@@ -12,10 +12,10 @@ weights training sees:
 After each round the trained adapter is written as a GGUF LoRA (edge_pu.export.lora_gguf) and
 the model is reloaded with it, so round r+1 samples from the policy round r produced.
 
-Each prompt is evaluated once; its K candidates then decode one after another from the
-prompt's KV cache (the cache past the prompt is dropped between candidates), and each prompt
-draws its tokens from its own seeded generator, as the torch backend does, so a prompt's
-candidates do not depend on the other prompts in the run.
+Each prompt is evaluated once, as sequence 0 of a unified KV cache; sequences 1..K-1 share its
+cells (llama_memory_seq_cp), and the K candidates then decode together, one batch row per
+unfinished candidate. Each prompt draws its tokens from its own seeded generator, as the torch
+backend does, so a prompt's candidates do not depend on the other prompts in the run.
 """
 
 from __future__ import annotations
@@ -92,14 +92,17 @@ class LlamaCppSampler:
         self.gguf = student_gguf(cfg.student.path, student_dir)
         self.student_dir = student_dir
         self.work_dir = work_dir
-        self.n_ctx = cfg.student.max_length
+        self.max_length = cfg.student.max_length
+        self.max_new_tokens = cfg.sampling.max_new_tokens
         self.eos_ids = set(eos_ids)
         self.decode = decode
         self.lora: Path | None = None
         self.llm: Any = None
-        self._load()
+        self._load(cfg.sampling.k)
 
-    def _load(self) -> None:
+    def _load(self, k: int = 1) -> None:
+        """(Re)create the llama.cpp model with room for `k` parallel sequences."""
+        import llama_cpp.llama_cpp as ll
         from llama_cpp import Llama
 
         if self.llm is not None:
@@ -107,9 +110,27 @@ class LlamaCppSampler:
         kwargs: dict[str, Any] = {"lora_path": str(self.lora)} if self.lora else {}
         if self.gguf.name.endswith("-f32.gguf"):  # an exact copy: keep the KV cache exact too
             kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32 (default f16 moves logits ~1e-2)
-        self.llm = Llama(model_path=str(self.gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
-                         n_threads=_threads(), seed=0, verbose=False, **kwargs)
-        self.n_vocab = self.llm.n_vocab()
+        # Llama() offers no n_seq_max: its context takes llama_context_default_params(), so
+        # hand it defaults with K sequences over one unified KV cache (the K candidates then
+        # share the prompt's cells; seq_cp only tags them).
+        defaults = ll.llama_context_default_params
+
+        def params() -> Any:
+            p = defaults()
+            p.n_seq_max, p.kv_unified = k, True
+            return p
+
+        n_ctx = self.max_length + k * self.max_new_tokens
+        ll.llama_context_default_params = params
+        try:
+            self.llm = Llama(model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx,
+                             n_threads=_threads(), seed=0, verbose=False, **kwargs)
+        finally:
+            ll.llama_context_default_params = defaults
+        self.k, self.n_vocab = k, self.llm.n_vocab()
+        from llama_cpp._internals import LlamaBatch
+
+        self.batch = LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=k, verbose=False)
 
     def refresh(self, adapter_dir: Path | None, tag: str) -> None:
         """Sample from base + this PEFT adapter from now on (None: the base alone)."""
@@ -120,42 +141,63 @@ class LlamaCppSampler:
 
             self.lora = write_lora_gguf(adapter_dir, self.student_dir,
                                         self.work_dir / f"lora-{tag}.gguf")
-        self._load()
+        self._load(self.k)
 
-    def _logits(self) -> np.ndarray:
-        ptr = self.llm._ctx.get_logits_ith(-1)
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self.llm._ctx.get_logits_ith(i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _decode(self, rows: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, want logits) rows."""
+        b = self.batch.batch
+        b.n_tokens = len(rows)
+        for i, (tok, pos, seq, logits) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        self.llm._ctx.decode(self.batch)
 
     def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
                seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
         if not adapter and self.lora is not None:
             raise EdgePuError("llama-cpp sampler: reference-policy sampling is not offered.")
+        if k > self.k or cfg.max_new_tokens > self.max_new_tokens:
+            self.max_new_tokens = max(self.max_new_tokens, cfg.max_new_tokens)
+            self._load(k)
         return [self._sample_prompt(p, k, cfg, seed) for p, seed in zip(prompt_ids, seeds,
                                                                           strict=True)]
 
     def _sample_prompt(self, prompt: list[int], k: int, cfg: SamplingConfig, seed: int
                        ) -> list[Sample]:
-        if len(prompt) + cfg.max_new_tokens > self.n_ctx:
+        """Prefill the prompt once as sequence 0, share its cells with sequences 1..K-1, then
+        decode the K candidates together, one batch row per unfinished candidate."""
+        import llama_cpp.llama_cpp as ll
+
+        if len(prompt) + cfg.max_new_tokens > self.max_length:
             raise EdgePuError(f"a prompt of {len(prompt)} tokens plus sampling.max_new_tokens "
-                              f"{cfg.max_new_tokens} exceeds student.max_length {self.n_ctx}.")
+                              f"{cfg.max_new_tokens} exceeds student.max_length "
+                              f"{self.max_length}.")
         rng = np.random.default_rng(seed)
-        self.llm.reset()
-        self.llm.eval(prompt)
-        first = self._logits()
-        out = []
-        for _ in range(k):
-            self.llm.n_tokens = len(prompt)  # eval() drops the KV cache past this point
-            logits, tokens = first, []
-            for step in range(cfg.max_new_tokens):
-                tok = draw(logits, cfg.temperature, cfg.top_p, float(rng.random()))
-                tokens.append(tok)
-                if tok in self.eos_ids or step == cfg.max_new_tokens - 1:
-                    break
-                self.llm.eval([tok])
-                logits = self._logits()
-            finished = tokens[-1] in self.eos_ids
-            out.append(Sample(tokens, self.decode(tokens), finished))
-        return out
+        mem = ll.llama_get_memory(self.llm._ctx.ctx)
+        ll.llama_memory_clear(mem, True)
+        n = len(prompt)
+        self._decode([(t, i, 0, i == n - 1) for i, t in enumerate(prompt)])
+        first = self._logits(n - 1)
+        for j in range(1, k):
+            ll.llama_memory_seq_cp(mem, 0, j, -1, -1)
+        tokens: list[list[int]] = [[] for _ in range(k)]
+        logits = {j: first for j in range(k)}
+        for step in range(cfg.max_new_tokens):
+            live = []
+            for j in sorted(logits):
+                tok = draw(logits[j], cfg.temperature, cfg.top_p, float(rng.random()))
+                tokens[j].append(tok)
+                if tok not in self.eos_ids and step < cfg.max_new_tokens - 1:
+                    live.append(j)
+            if not live:
+                break
+            self._decode([(tokens[j][-1], n + step, j, True) for j in live])
+            logits = {j: self._logits(i) for i, j in enumerate(live)}
+        return [Sample(t, self.decode(t), t[-1] in self.eos_ids) for t in tokens]
 
     def close(self) -> None:
         if self.llm is not None:
