@@ -301,7 +301,7 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
 
     train(backend, units, cfg.train, round_idx=r, on_step=on_step)
     bar.close()
-    for key in ("loss", "reward_margin", "reward_accuracy", "kl"):
+    for key in ("loss", "reward_margin", "reward_accuracy", "kl", "log_ratio"):
         vals = [m[key] for m in log if key in m]
         if vals:
             diag[f"{key}_last"] = vals[-1]

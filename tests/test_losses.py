@@ -229,12 +229,12 @@ def test_grpo_distribution_loss_from_tokens_by_hand() -> None:
     """beta 0.5, l = [0, 2 ln2, 4 ln2] -> q = [1, 2, 4] / 7, d = [4, 2, 1] / 7, G = 1:
     loss = 3/7 ln4 = 0.594126; dL/dl = 0.5 (q - d) = [-3/14, 0, 3/14], spread over each
     row's tokens by the mean: row 0 -0.214286 (1 token), row 1 0, row 2 0.107143 per token.
-    kl metric: token log-ratios sum to 0 + 4 ln2 + 8 ln2 = 12 ln2 over 5 tokens = 1.663553.
+    log_ratio metric: token log-ratios sum to 0 + 4 ln2 + 8 ln2 = 12 ln2 over 5 tokens = 1.663553.
     top-1: argmax q = 2, argmax d = 0 -> 0."""
     x = distribution_inputs()
     out = grpo_distribution_loss(x, LossConfig(beta=0.5))
     assert out.loss.item() == pytest.approx(3 / 7 * math.log(4), rel=1e-5)
-    assert out.metrics["kl"] == pytest.approx(12 * LN2 / 5, rel=1e-5)
+    assert out.metrics["log_ratio"] == pytest.approx(12 * LN2 / 5, rel=1e-5)
     assert out.metrics["top1_agreement"] == 0.0
     out.loss.backward()
     expected = torch.tensor([[-3 / 14, 0.0], [0.0, 0.0], [3 / 28, 3 / 28]])

@@ -252,8 +252,9 @@ def grpo_distribution_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     l_i = mean-token (logp - ref) over row i's completion tokens (`length_norm="sequence"`,
     METHOD.md) or its sum (`"none"`). See `listwise_kl` for the loss and its gradient
     beta (q_i - d_i) / G w.r.t. l_i. No ratio, no clipping, no separate KL penalty: l is
-    itself measured against the reference. Metrics: the loss, `kl` (mean per-token
-    logp - ref over grouped rows) and `top1_agreement` (share of groups where q and d have
+    itself measured against the reference. Metrics: the loss, `log_ratio` (mean per-token
+    logp - ref over grouped rows: on the sampled tokens, not a KL, and it can be negative)
+    and `top1_agreement` (share of groups where q and d have
     the same argmax, first index on ties).
     """
     logp, ref, mask = _rows(x, "grpo-distribution")
@@ -269,7 +270,7 @@ def grpo_distribution_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     loss, q = listwise_kl(seq_ratio, target, beta=cfg.beta)
     metrics = _floats(
         loss=loss,
-        kl=_token_mean(log_ratio, mask[rows]),
+        log_ratio=_token_mean(log_ratio, mask[rows]),
         top1_agreement=(q.argmax(-1) == target.argmax(-1)).float().mean(),
     )
     return LossOutput(loss=loss, metrics=metrics)

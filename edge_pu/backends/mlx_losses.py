@@ -189,7 +189,7 @@ def grpo_distribution_loss(x: MLXLossInputs, cfg: Any) -> tuple[mx.array, Metric
     loss, q = listwise_kl(seq_ratio, target, beta=cfg.beta)
     return loss, {
         "loss": loss,
-        "kl": _token_mean(log_ratio, mask[rows]),
+        "log_ratio": _token_mean(log_ratio, mask[rows]),
         "top1_agreement": (mx.argmax(q, -1) == mx.argmax(target, -1)).astype(mx.float32).mean(),
     }
 
