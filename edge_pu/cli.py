@@ -57,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
-             overrides=args.overrides, export=args.export)
+             overrides=args.overrides, export=args.export, restart=args.restart)
     return 0
 
 
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpo (default; advantage variant, --set train.grpo_variant="
                         "distribution for the other) or dpo")
     p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--restart", action="store_true",
+                   help="redo a run dir made with other settings (its anchors are kept)")
     p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--export", action="store_true",

@@ -57,9 +57,10 @@ def find_demo_student() -> Path:
 
 
 def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: str = "",
-             overrides: list[str] | None = None, export: bool = False) -> dict[str, Any]:
+             overrides: list[str] | None = None, export: bool = False,
+             restart: bool = False) -> dict[str, Any]:
     from .backends import make_backend
-    from .pipeline import run
+    from .pipeline import prepare_run_dir, run
 
     t0 = time.time()
     families = 9
@@ -86,13 +87,14 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
         base["train"]["beta"] = 5.0
     base["run_dir"] = run_dir
     cfg = load_config(None, overrides, base=base)
+    prepare_run_dir(cfg, restart=restart)  # a mismatched run dir is refused before any loading
 
     backend = make_backend(cfg.backend)
     print(f"[demo] loading student {cfg.student.path} on {backend.name}", flush=True)
     backend.load(cfg)
     before = score(heldout, greedy_answers(backend, heldout, adapter=False,
                                            max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="before"))
-    result = run(cfg, backend=backend)
+    result = run(cfg, backend=backend)  # the run dir is prepared (and restarted) above
     answers = greedy_answers(backend, heldout, adapter=True,
                              max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="after")
     after = score(heldout, answers)

@@ -31,3 +31,21 @@ def test_demo_runs_on_a_tiny_student(algorithm: str, tiny_llama_dir: Path, tmp_p
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "step" in m] == [1, 2]
+
+
+def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: Path,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture
+                                                                ) -> None:
+    run_dir = tmp_path / "demo"
+    base = ["demo", "--student", str(tiny_llama_dir), "--run-dir", str(run_dir),
+            "--set", "train.steps=1", "--set", "sampling.max_new_tokens=4"]
+    assert main(base + ["--algorithm", "dpo"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--algorithm", "grpo"]) != 0
+    err = capsys.readouterr().err
+    assert "train.algorithm" in err and "--restart" in err
+    assert "before" not in err  # refused before the student was loaded and evaluated
+    assert main(base + ["--algorithm", "grpo", "--restart"]) == 0
+    report = json.loads((run_dir / "demo_report.json").read_text())
+    assert report["algorithm"] == "grpo"
