@@ -100,7 +100,7 @@ class LlamaCppSampler:
         self.llm: Any = None
         self._load(cfg.sampling.k)
 
-    def _load(self, k: int = 1) -> None:
+    def _load(self, k: int) -> None:
         """(Re)create the llama.cpp model with room for `k` parallel sequences."""
         import llama_cpp.llama_cpp as ll
         from llama_cpp import Llama

@@ -15,10 +15,9 @@ this fp32 copy by bf16 rounding only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .student import cache_root, weights_tag
+from .student import cache_root, publish_model, weights_tag
 
 
 def nf4_base_dir(student_dir: str | Path) -> Path:
@@ -45,10 +44,6 @@ def nf4_base_dir(student_dir: str | Path) -> Path:
         if weight is not None and getattr(weight, "quant_state", None) is not None:
             state[f"{name}.weight"] = bnbf.dequantize_4bit(weight.data, weight.quant_state
                                                            ).float()
-    config = quantized.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
     dense = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     sd = dense.state_dict()
     missing = [k for k in state if k not in sd]
@@ -57,11 +52,7 @@ def nf4_base_dir(student_dir: str | Path) -> Path:
     with torch.no_grad():
         for key, value in state.items():
             sd[key].copy_(value.reshape(sd[key].shape))
-    tmp = out.with_name(out.name + ".tmp")
-    dense.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp)
-    (tmp / "edge_pu_nf4.json").write_text(json.dumps(
-        {"source": str(student_dir.resolve()), "quant": "nf4", "double_quant": True,
-         "layers": len(state)}))
-    tmp.replace(out) if not out.exists() else None
-    return out
+    return publish_model(out, dense, AutoTokenizer.from_pretrained(student_dir),
+                         "edge_pu_nf4.json", {"source": str(student_dir.resolve()),
+                                              "quant": "nf4", "double_quant": True,
+                                              "layers": len(state)})

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import EdgePuError
 
@@ -87,12 +88,19 @@ def _from_gguf(path: Path) -> Path:
             delattr(config, attr)
     dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dense.load_state_dict(model.state_dict())
-    dense.generation_config = model.generation_config
+    dense.generation_config = model.generation_config  # saved with it
+    return publish_model(out, dense, tok, "edge_pu_source.json",
+                         {"gguf": str(path.resolve()), "quant": gguf_file_type(path)})
+
+
+def publish_model(out: Path, model: Any, tokenizer: Any, marker: str, info: dict) -> Path:
+    """Save a derived model dir into the cache: written beside as `.tmp`, the marker file (what
+    callers test for) last, then renamed, so a killed process never leaves a dir that looks
+    complete."""
     tmp = out.with_name(out.name + ".tmp")
-    dense.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    (tmp / "edge_pu_source.json").write_text(json.dumps(
-        {"gguf": str(path.resolve()), "quant": gguf_file_type(path)}))
-    tmp.replace(out) if not out.exists() else None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / marker).write_text(json.dumps(info))
+    if not out.exists():
+        tmp.replace(out)
     return out
