@@ -30,11 +30,15 @@ nh heads of width d, kv = n_kv_heads*d, V vocab, r LoRA rank, N rows in one forw
   always has), the fp32 log-sum-exp (4*nh), the float mask materialized per layer (T*e), the
   MLP's gate output, SiLU output and up output (3*I*e), and each LoRA module's input in fp32
   (shared between modules that read the same tensor when e = 4; peft casts per module else) plus
-  its r-wide A output. Eager attention adds its probabilities (2*nh*T*e). Gradient
-  checkpointing keeps only each layer's input (h*e) and recomputes one layer at a time.
+  its r-wide A output. Eager attention adds its probabilities (2*nh*T*e). A unit's rows share
+  their prompt, run once (`shared_prefix_activations`): its T-C tokens count once per unit,
+  each row adds its C completion tokens and the copy of the prompt's keys and values that its
+  attention keeps. Gradient checkpointing runs every row whole (transformers returns no cache
+  then), keeps only each layer's input (h*e) and recomputes one layer at a time.
 - backward transients on top: the vocab projection of one chunk (LOGIT_CHUNK_BYTES of fp32
   logits, held as LOGIT_COPIES copies while its gradient is formed) or one layer's gradients
-  N*T*(3I + 2h)*e, whichever is larger.
+  over the widest pass, N*T*(3I + 2h)*e (whole rows) or max(prompts, completions) tokens,
+  whichever is larger.
 - no-grad passes (ranking, reference): the final hidden states N*T*h*e plus the larger of one
   layer's working set N*T*((3h + 3I) + T)*e and one logits chunk (two fp32 copies).
 - sampling: the KV cache 2*L*K*T*kv*e, the prefill's logits (T-C)*V*e, and one layer's cache
@@ -127,6 +131,22 @@ def saved_per_token_layer(s: ModelShape, targets: tuple[str, ...], r: int, e: in
     return b + 4 * r * len(known)
 
 
+def shared_prefix_activations(s: ModelShape, targets: tuple[str, ...], r: int, e: int,
+                              units: int, rows: int, P: int, C: int) -> int:
+    """Bytes a training forward without checkpointing saves for backward when `units`
+    prompts of P tokens are run once and their `rows` completions of C tokens attend to the
+    gathered cache (edge_pu.backends.torch_backend `_shared_prefix_logp`): the prompt tokens
+    with a P-wide mask, the completion tokens with a (P+C)-wide one, each row's copy of its
+    prompt's keys and values that attention keeps (at the query heads' width once a mask is
+    passed), and the final norm's fp32 input plus the completion hidden states."""
+    L, T = s.layers, P + C
+    prompt = units * P * L * saved_per_token_layer(s, targets, r, e, P)
+    answer = rows * C * L * saved_per_token_layer(s, targets, r, e, T)
+    kept_kv = rows * L * P * 2 * s.heads * s.head_dim * e
+    head = (units * P + rows * C) * 4 * s.hidden + rows * C * s.hidden * e
+    return prompt + answer + kept_kv + head
+
+
 def _logit_rows(s: ModelShape, tokens: int) -> int:
     return max(1, min(tokens, LOGIT_CHUNK_BYTES // (4 * s.vocab)))
 
@@ -160,20 +180,25 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     out.append(Stage("reference", (w, lora, hidden, ("max(layer, logits chunk)",
                                                      max(layer, chunk)))))
 
-    rows = st.micro_batch * (2 if cfg.train.algorithm == "dpo" else cfg.sampling.k)
+    units = st.micro_batch
+    rows = units * (2 if cfg.train.algorithm == "dpo" else cfg.sampling.k)
     per_layer = saved_per_token_layer(s, cfg.lora.target_modules, cfg.lora.r, e, T)
     head = rows * T * 4 * h + rows * C * h * e  # final norm input; completion hidden states
     logits = LOGIT_COPIES * 4 * _logit_rows(s, rows * C) * s.vocab
     if cfg.student.dtype != "float32":
         logits += 2 * _logit_rows(s, rows * C) * s.vocab  # the head's bf16 output before .float()
-    grads = rows * T * (3 * i + 2 * h) * e
+    # Without checkpointing a unit's prompt runs once (T - C tokens) and each row adds C.
+    widest = rows * T if st.gradient_checkpointing else max(units * (T - C), rows * C)
+    grads = widest * (3 * i + 2 * h) * e
     if cfg.student.quant != "none":  # a 4-bit layer dequantizes its weight for each matmul
         grads += s.largest_linear() * e
     if st.gradient_checkpointing:
         acts = (f"layer inputs {rows} x {T}", rows * T * L * h * e + head)
         trans = ("backward transient", max(logits, rows * T * per_layer + grads))
     else:
-        acts = (f"activations {rows} x {T}", rows * T * L * per_layer + head)
+        acts = (f"activations {units} prompts x {T - C} + {rows} x {C}",
+                shared_prefix_activations(s, cfg.lora.target_modules, cfg.lora.r, e, units,
+                                          rows, T - C, C))
         trans = ("backward transient", max(logits, grads))
     out.append(Stage("train", (w, lora, acts, trans)))
     return out

@@ -96,6 +96,48 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_llama_dir: Path, monkeypat
         assert lp == pytest.approx(want, abs=1e-4)
 
 
+def test_training_runs_each_prompt_once_with_the_same_logprobs_and_gradients(
+        tiny_llama_dir: Path) -> None:
+    """A micro-batch's rows share their prompts (a DPO pair, a GRPO group): the prompt is run
+    once and its KV cache gathered per row. Log-probs and LoRA gradients must equal running
+    every row whole (prompts of unequal length, so left padding is exercised)."""
+    import torch
+
+    from edge_pu.backends import torch_backend
+
+    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu",
+                                  "lora": {"r": 4}})
+    backend = torch_backend.CPUBackend()
+    backend.load(cfg)
+    torch.manual_seed(0)
+    for name, param in backend.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.1)  # a non-identity adapter, so its gradients are general
+    prompts = [[5, 6, 7, 8, 9, 10, 11]] * 3 + [[12, 13, 14]] * 2
+    comps = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29, 30, 31, 32], [33, 34]]
+    backend.model.train()
+
+    def run(path):
+        backend.model.zero_grad()
+        lp, mask = path(prompts, comps)
+        weights = torch.arange(1.0, lp.shape[1] + 1)  # every position its own weight
+        (lp * mask * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in backend.model.named_parameters()
+                 if p.grad is not None}
+        return lp * mask, mask, grads
+
+    whole, mask_w, grads_w = run(backend._whole_rows_logp)
+    shared, mask_s, grads_s = run(backend._shared_prefix_logp)
+    assert torch.equal(mask_w, mask_s)
+    assert mask_s.sum() == sum(map(len, comps))
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert grads_w.keys() == grads_s.keys() and len(grads_s) > 0
+    for name, g in grads_w.items():
+        torch.testing.assert_close(grads_s[name], g, atol=1e-5 * float(g.abs().max()), rtol=1e-4)
+    lp, _ = backend._token_logp(prompts, comps)  # no checkpointing: the shared path
+    torch.testing.assert_close(lp.detach() * mask_s, shared.detach())
+
+
 def test_sampling_is_reproducible_and_batch_independent(tiny_llama_dir: Path) -> None:
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig

@@ -20,6 +20,7 @@ from edge_pu.planner import (
     lora_params,
     plan,
     saved_per_token_layer,
+    shared_prefix_activations,
     stages,
     weight_bytes,
 )
@@ -73,9 +74,13 @@ def test_counts_match_the_real_model_and_peft(tmp_path: Path) -> None:
         assert lora_params(s, ("q_proj", "v_proj", "down_proj"), 8) == trainable, arch
 
 
-def test_saved_activations_match_autograd(tmp_path: Path) -> None:
-    """Bytes autograd keeps for backward in one padded policy forward, against the formula:
-    rows*T*(L*per_layer + 4h) + completion tokens*h*4 (final norm input, gathered hidden)."""
+@pytest.mark.parametrize("prompts, units", [
+    ([[5] * 30, [5] * 30], 1),  # a DPO pair: one prompt, run once, two completions
+    ([[5] * 30, [6] * 30], 2),  # two prompts
+])
+def test_saved_activations_match_autograd(tmp_path: Path, prompts: list, units: int) -> None:
+    """Bytes autograd keeps for backward in one policy forward (prompt run once per unit, the
+    completions on its gathered cache, one row padded) against `shared_prefix_activations`."""
     torch = pytest.importorskip("torch")
     from tiny import save_tiny_model
 
@@ -85,7 +90,7 @@ def test_saved_activations_match_autograd(tmp_path: Path) -> None:
     cfg = cfg_of(student={"path": str(path)}, lora={"target_modules": ["q_proj", "v_proj"]})
     backend = CPUBackend()
     backend.load(cfg)
-    prompts, comps = [[5] * 30, [6] * 30], [[7] * 34, [8] * 33]  # T = 64, one row padded
+    comps = [[7] * 34, [8] * 33]  # T = 64, one row padded
     params = {p.untyped_storage().data_ptr() for p in backend.model.parameters()}
     seen: dict[int, int] = {}
 
@@ -99,8 +104,8 @@ def test_saved_activations_match_autograd(tmp_path: Path) -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         backend._token_logp(prompts, comps)
     s = read_model_shape(path)
-    per_layer = saved_per_token_layer(s, ("q_proj", "v_proj"), 8, 4, T=64)
-    predicted = 2 * 64 * (s.layers * per_layer + 4 * s.hidden) + 67 * s.hidden * 4
+    predicted = shared_prefix_activations(s, ("q_proj", "v_proj"), 8, 4, units=units, rows=2,
+                                          P=30, C=34)
     assert sum(seen.values()) == pytest.approx(predicted, rel=0.10)
 
 

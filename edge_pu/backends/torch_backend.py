@@ -4,7 +4,11 @@ Student = transformers causal LM + PEFT LoRA adapter. The reference policy is th
 under `disable_adapter()`. Log-probs are computed only at completion positions and in chunks of
 the vocabulary projection, each chunk checkpointed, so the [tokens x vocab] logits never exist
 at once (in small models the vocabulary dominates memory). Sampling prefills each prompt once
-and expands the KV cache to K rows.
+and expands the KV cache to K rows; so does training and scoring: the rows of a unit (a DPO
+pair, a GRPO group) share their prompt, which is run once (with gradient, in training) and its
+KV cache handed to each row's completion tokens. A pair of 64-token answers to a 64-token prompt
+is then 192 tokens of work, not 256 (forward + backward 1.6x faster on SmolLM2 here). With
+gradient checkpointing transformers will not return a cache, so those runs take every row whole.
 """
 
 from __future__ import annotations
@@ -192,6 +196,13 @@ class TorchBackend:
     def _token_logp(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] log-prob of each completion token (grad flows if enabled) and its mask."""
+        if self.model.training and self.cfg.train.gradient_checkpointing:
+            return self._whole_rows_logp(prompt_ids, completion_ids)
+        return self._shared_prefix_logp(prompt_ids, completion_ids)
+
+    def _whole_rows_logp(self, prompt_ids: Sequence[list[int]],
+                         completion_ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_token_logp` with each row run as prompt + completion in one padded batch."""
         seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -209,16 +220,7 @@ class TorchBackend:
         r = torch.tensor(rows, device=self.device)
         h = hidden[r, torch.tensor(pos, device=self.device)]
         targets = ids[r, torch.tensor(pos, device=self.device) + 1]
-        head = base.get_output_embeddings()
-        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * head.weight.shape[0]))
-        parts = []
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s: s + chunk], targets[s: s + chunk]
-            if torch.is_grad_enabled():
-                parts.append(checkpoint(_chunk_logp, head, hc, tc, use_reentrant=False))
-            else:
-                parts.append(_chunk_logp(head, hc, tc))
-        flat = torch.cat(parts) if parts else h.new_zeros(0)
+        flat = self._head_logp(h, targets)
         width_c = max(len(c) for c in completion_ids)
         out = torch.zeros((len(seqs), max(width_c, 1)), device=self.device, dtype=torch.float32)
         mask = torch.zeros_like(out)
@@ -227,48 +229,82 @@ class TorchBackend:
         mask[r, c] = 1.0
         return out, mask
 
+    def _shared_prefix_logp(self, prompt_ids: Sequence[list[int]],
+                            completion_ids: Sequence[list[int]]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_token_logp` with each distinct prompt run once: the prompts, left-padded, in one
+        pass that returns their KV cache; the cache gathered to one row per completion; then the
+        completions, right-padded, attending to it. Completion token j is predicted by the
+        prompt's last state (j = 0) or by completion state j - 1."""
+        dev = self.device
+        index: dict[tuple[int, ...], int] = {}
+        row_prompt = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+        prompts = list(index)
+        width_p = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width_p), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left-padded: every prompt ends in the last column
+            ids[i, width_p - len(p):] = torch.tensor(p)
+            attn[i, width_p - len(p):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        base = self.model.get_base_model()
+        decoder = base.get_decoder()
+        pre = decoder(input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                      position_ids=pos.to(dev), use_cache=True)
+        cache = getattr(pre, self._cache_kw)
+        gather = torch.tensor(row_prompt, device=dev)
+        if len(prompts) != len(row_prompt) or row_prompt != list(range(len(prompts))):
+            cache.reorder_cache(gather)  # index_select per layer: differentiable
+        width = max(1, max(len(c) for c in completion_ids))
+        cids = torch.full((len(completion_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(completion_ids), width), dtype=torch.float32)
+        cpos = torch.empty_like(cids)
+        for i, c in enumerate(completion_ids):
+            cids[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = 1.0
+            n = len(prompts[row_prompt[i]])
+            cpos[i] = torch.arange(n, n + width)
+        cids, mask = cids.to(dev), mask.to(dev)
+        full_attn = torch.cat([attn.to(dev)[gather], mask.long()], dim=1)
+        hid = decoder(input_ids=cids, attention_mask=full_attn, position_ids=cpos.to(dev),
+                      use_cache=True, **{self._cache_kw: cache}).last_hidden_state
+        first = pre.last_hidden_state[gather, -1]
+        states = torch.cat([first[:, None], hid[:, :-1]], dim=1)
+        real = mask.reshape(-1).bool()
+        flat = self._head_logp(states.reshape(-1, states.shape[-1])[real], cids.reshape(-1)[real])
+        out = torch.zeros(mask.shape, device=dev, dtype=torch.float32)
+        out = out.masked_scatter(mask.bool(), flat.float())
+        return out, mask
+
+    def _head_logp(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) for each row of final hidden states, a chunk of the vocabulary
+        projection at a time (each chunk checkpointed when grad is on)."""
+        head = self.model.get_base_model().get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * head.weight.shape[0]))
+        parts = []
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s: s + chunk], targets[s: s + chunk]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_chunk_logp, head, hc, tc, use_reentrant=False))
+            else:
+                parts.append(_chunk_logp(head, hc, tc))
+        return torch.cat(parts) if parts else h.new_zeros(0)
+
     def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
                  adapter: bool = True) -> list[list[float]]:
+        """One prompt's rows at a time (a group's KV cache, gathered per row, is the largest
+        thing a scoring pass holds; the planner counts one group's)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompt_ids):
             groups.setdefault(tuple(p), []).append(i)
         out: list[list[float]] = [[] for _ in completion_ids]
         with torch.no_grad(), self._adapter(adapter):
             for prompt, rows in groups.items():
-                if len(rows) == 1:
-                    lp, _ = self._token_logp([list(prompt)], [completion_ids[rows[0]]])
-                    out[rows[0]] = lp[0, : len(completion_ids[rows[0]])].tolist()
-                    continue
-                for i, lp_row in zip(rows, self._shared_prompt_logp(
-                        list(prompt), [completion_ids[i] for i in rows]), strict=True):
-                    out[i] = lp_row
+                comps = [completion_ids[i] for i in rows]
+                lp, _ = self._shared_prefix_logp([list(prompt)] * len(rows), comps)
+                for j, i in enumerate(rows):
+                    out[i] = lp[j, : len(comps[j])].tolist()
         return out
-
-    def _shared_prompt_logp(self, prompt: list[int], comps: Sequence[list[int]]
-                            ) -> list[list[float]]:
-        """Score several completions of one prompt: prefill the prompt once, expand its KV
-        cache to one row per completion, then run only the completion tokens (the K candidates
-        of a prompt share it, and prompts are often longer than their answers)."""
-        base = self.model.get_base_model()
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-        dev = self.device
-        pre = decoder(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
-        cache = getattr(pre, self._cache_kw)
-        cache.batch_repeat_interleave(len(comps))
-        width = max(1, max(len(c) for c in comps))
-        ids = torch.full((len(comps), width), self.pad_id, dtype=torch.long, device=dev)
-        for i, c in enumerate(comps):
-            ids[i, : len(c)] = torch.tensor(c, device=dev)
-        # Right padding needs no mask: in causal attention no real token sees a later one.
-        pos = torch.arange(len(prompt), len(prompt) + width, device=dev).expand(len(comps), -1)
-        hid = decoder(input_ids=ids, position_ids=pos, use_cache=True,
-                      **{self._cache_kw: cache}).last_hidden_state
-        # Completion token j is predicted by the prompt's last state (j = 0) or by state j - 1.
-        first = pre.last_hidden_state[0, -1].expand(len(comps), -1)
-        states = torch.cat([first[:, None], hid[:, :-1]], dim=1)
-        lp = _chunk_logp(head, states.reshape(-1, states.shape[-1]), ids.reshape(-1))
-        lp = lp.view(len(comps), width)
-        return [lp[i, : len(c)].tolist() for i, c in enumerate(comps)]
 
     @torch.no_grad()
     def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int], *,

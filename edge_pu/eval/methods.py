@@ -17,6 +17,8 @@ same held-out prompts.
 | similarity     | pipeline | DPO on chrF-to-anchor ranking                                    |
 | random         | pipeline | DPO on random pairs                                              |
 | self-noanchor  | pipeline | DPO on the same self-ranking without the anchor                  |
+| grpo-random    | pipeline | LDL-GRPO `advantage` on random scores: what GRPO's on-policy,    |
+|                |          | clipped, KL-held training does with no ranking signal at all     |
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", "pipeline", "dpo", ranker="random", about="DPO on random pairs"),
     Method("self-noanchor", "pipeline", "dpo", ranker="{mode}-noanchor",
            about="DPO on self-ranking without the anchor"),
+    Method("grpo-random", "pipeline", "grpo", "advantage", ranker="random",
+           about="LDL-GRPO (advantage) on random scores"),
 )}
 QUICK_METHODS = ("pu-dpo", "sft")
 
