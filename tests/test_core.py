@@ -138,6 +138,36 @@ def test_training_runs_each_prompt_once_with_the_same_logprobs_and_gradients(
     torch.testing.assert_close(lp.detach() * mask_s, shared.detach())
 
 
+def test_torch_draw_keeps_the_top_p_head_and_inverts_its_cdf_by_hand() -> None:
+    """probs .05 .5 .15 .3 (token order), top-p .8: ranked .5 .3 .15 .05, cumulative mass
+    before each 0 .5 .8 .95, so tokens 1 and 3 are kept (mass .8). The CDF runs in token
+    order over the kept ones: token 1 up to .5, token 3 up to .8; u scales to u x .8."""
+    import torch
+
+    from edge_pu.backends.torch_backend import _draw
+
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]] * 4))
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    us = [float(torch.rand(1, generator=torch.Generator().manual_seed(s))) for s in range(4)]
+    want = [1 if u * 0.8 <= 0.5 else 3 for u in us]
+    assert _draw(logits, 1.0, 0.8, gens, 1).tolist() == want
+    assert set(want) == {1, 3}  # these seeds reach both kept tokens
+    # top-p 1: all four, CDF .05 .55 .70 1.0
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    cdf = [0.05, 0.55, 0.70, 1.0]
+    assert _draw(logits, 1.0, 1.0, gens, 1).tolist() == \
+        [next(i for i, c in enumerate(cdf) if u <= c) for u in us]
+    # A head wider than the first topk (64): p_i proportional to 400 - i over 200 tokens; the
+    # mass reaches .5 only after n tokens, n from the partial sums (n > 64, so it widens).
+    weights = [400 - i for i in range(200)]
+    n = next(j + 1 for j in range(200) if sum(weights[: j + 1]) >= 0.5 * sum(weights))
+    assert n > 64
+    logits = torch.log(torch.tensor([weights], dtype=torch.float32))
+    picks = {int(_draw(logits, 1.0, 0.5, [torch.Generator().manual_seed(s)], 1))
+             for s in range(400)}
+    assert max(picks) < n and max(picks) >= 64  # past the first head, never past the set
+
+
 def test_sampling_is_reproducible_and_batch_independent(tiny_llama_dir: Path) -> None:
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig
