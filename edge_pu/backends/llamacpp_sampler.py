@@ -103,7 +103,7 @@ class LlamaCppSampler:
         self.decode = decode
         self.lora: Path | None = None
         self.llm: Any = None
-        self._load(cfg.sampling.k, cfg.sampling.prompt_batch)
+        self._load(cfg.sampling.k, _group_size(cfg.sampling.prompt_batch, cfg.sampling.k))
 
     def _load(self, k: int, prompts: int) -> None:
         """(Re)create the llama.cpp model with room for `prompts` prompts of K sequences each."""
@@ -112,7 +112,6 @@ class LlamaCppSampler:
 
         if self.llm is not None:
             self.llm.close()
-        prompts = max(1, min(prompts, MAX_SEQUENCES // k))
         kwargs: dict[str, Any] = {"lora_path": str(self.lora)} if self.lora else {}
         if self.gguf.name.endswith("-f32.gguf"):  # an exact copy: keep the KV cache exact too
             kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32 (default f16 moves logits ~1e-2)
@@ -173,10 +172,10 @@ class LlamaCppSampler:
                 raise EdgePuError(f"prompt {i}: {len(prompt)} tokens plus sampling."
                                   f"max_new_tokens {cfg.max_new_tokens} exceeds student."
                                   f"max_length {self.max_length}.")
-        if k != self.k or cfg.max_new_tokens > self.max_new_tokens \
-                or min(cfg.prompt_batch, MAX_SEQUENCES // k) != self.prompts:
+        group = _group_size(cfg.prompt_batch, k)
+        if (k, group) != (self.k, self.prompts) or cfg.max_new_tokens > self.max_new_tokens:
             self.max_new_tokens = max(self.max_new_tokens, cfg.max_new_tokens)
-            self._load(k, cfg.prompt_batch)
+            self._load(k, group)
         out: list[list[Sample]] = []
         for start in range(0, len(prompt_ids), self.prompts):
             out += self._sample_group(prompt_ids[start:start + self.prompts], k, cfg,
@@ -222,6 +221,12 @@ class LlamaCppSampler:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+def _group_size(prompt_batch: int, k: int) -> int:
+    """Prompts decoded together: sampling.prompt_batch, as far as llama.cpp's sequence limit
+    allows K sequences for each."""
+    return max(1, min(prompt_batch, MAX_SEQUENCES // k))
 
 
 def _threads() -> int:

@@ -253,7 +253,7 @@ class TorchBackend:
                       position_ids=pos.to(dev), use_cache=True)
         cache = getattr(pre, self._cache_kw)
         gather = torch.tensor(row_prompt, device=dev)
-        if len(prompts) != len(row_prompt) or row_prompt != list(range(len(prompts))):
+        if row_prompt != list(range(len(prompts))):  # some prompt serves several rows
             cache.reorder_cache(gather)  # index_select per layer: differentiable
         width = max(1, max(len(c) for c in completion_ids))
         cids = torch.full((len(completion_ids), width), self.pad_id, dtype=torch.long)
