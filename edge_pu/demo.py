@@ -28,14 +28,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN_PER_FAMILY, HELDOUT_PER_FAMILY = 6, 4
 EVAL_MAX_NEW_TOKENS = 40
 
+# Only sizes here: the method's hyperparameters are the library defaults (edge_pu.config), the
+# same ones `edge-pu eval` measures. K = 4 and 40-token answers keep the demo within minutes.
 DEFAULTS: dict[str, Any] = {
     "teacher": {"kind": "oracle"},
-    "sampling": {"k": 4, "max_new_tokens": 40, "temperature": 1.0, "top_p": 0.95},
-    "ranker": {"mode": "likelihood", "batch_size": 16},
-    "train": {"algorithm": "dpo", "epochs": 1, "batch_size": 4, "micro_batch": 4, "lr": 5e-4,
-              "beta": 0.1, "grpo_variant": "advantage", "tau": 0.5},
-    "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj"]},
+    "sampling": {"k": 4, "max_new_tokens": 40},
+    "ranker": {"batch_size": 16},
+    "train": {"epochs": 1, "batch_size": 4, "micro_batch": 4},
     "backend": "cpu",
 }
 
@@ -78,13 +77,7 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
     base["data"] = {"prompts": str(out / "train_prompts.jsonl")}
     base["train"]["algorithm"] = algorithm
     if algorithm == "grpo":
-        # GRPO (advantage variant) is the demo's default: on SmolLM2 it was the PU variant that
-        # helped (held-out pass 6% -> 17% here, +4.6 points over 2 seeds in `edge-pu eval`),
-        # while DPO on the same rankings lost ground (6% -> 0%); see the issue notes.
-        # The distribution variant's q = softmax(beta * mean-token log-ratio): mean-token ratios
-        # move by tenths of a nat, so beta must be O(1-10) for q to respond (DPO's 0.1 scales a
-        # summed ratio).
-        base["train"]["beta"] = 5.0
+        base["train"]["batch_size"] = base["train"]["micro_batch"] = 2  # K + 1 rows a group
     base["run_dir"] = run_dir
     cfg = load_config(None, overrides, base=base)
     prepare_run_dir(cfg, restart=restart)  # a mismatched run dir is refused before any loading
@@ -95,13 +88,18 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
     before = score(heldout, greedy_answers(backend, heldout, adapter=False,
                                            max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="before"))
     result = run(cfg, backend=backend)  # the run dir is prepared (and restarted) above
+    # After the SFT stage the reference policy (adapter=False) is the SFT policy.
+    after_sft = score(heldout, greedy_answers(
+        backend, heldout, adapter=False, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+        desc="after SFT")) if cfg.sft.enabled else None
     answers = greedy_answers(backend, heldout, adapter=True,
                              max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="after")
     after = score(heldout, answers)
     seconds = time.time() - t0
     report = {"algorithm": algorithm, "student": cfg.student.path, "train_prompts":
               len(train_tasks), "heldout_prompts": len(heldout), "before": before,
-              "after": after, "rounds": result.rounds, "seconds": round(seconds, 1),
+              "after_sft": after_sft, "after": after, "sft": result.sft,
+              "rounds": result.rounds, "seconds": round(seconds, 1),
               "heldout_answers_after": [{"id": t.id, "answer": a}
                                         for t, a in zip(heldout, answers, strict=True)]}
     if export:
@@ -120,7 +118,10 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
     print(f"\nedge_pu demo — {algorithm.upper()} on {Path(cfg.student.path).name}, "
           f"{len(train_tasks)} training prompts, {len(heldout)} held-out prompts "
           "(greedy decoding)\n")
-    print(table(before, after))
+    if after_sft is not None:
+        print(table(before, after_sft, after, names=("before", "after SFT", "after PU")))
+    else:
+        print(table(before, after))
     last = result.rounds[-1] if result.rounds else {}
     if "reward_accuracy" in last:
         ref_pref, pref = last["preference_accuracy_reference"], last["preference_accuracy"]

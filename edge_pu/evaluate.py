@@ -46,13 +46,18 @@ def score(tasks: Sequence[Task], answers: Sequence[str]) -> dict[str, Any]:
     return {**agg(every), "by_family": {f: agg(rows) for f, rows in sorted(fam.items())}}
 
 
-def table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Markdown table of pass rate and mean quality, before -> after, per family and overall."""
-    lines = ["| family | n | pass before | pass after | quality before | quality after |",
-             "|---|---|---|---|---|---|"]
-    rows = [(f, before["by_family"][f], after["by_family"][f]) for f in before["by_family"]]
-    rows.append(("**all**", before, after))
-    for name, b, a in rows:
-        lines.append(f"| {name} | {b['n']} | {b['pass_rate']:.0%} | {a['pass_rate']:.0%} | "
-                     f"{b['quality']:.3f} | {a['quality']:.3f} |")
+def table(before: dict[str, Any], after: dict[str, Any], *more: dict[str, Any],
+          names: Sequence[str] = ("before", "after")) -> str:
+    """Markdown table of pass rate and mean quality per family and overall, one column pair
+    per evaluation (`names` labels them: e.g. before, after SFT, after PU)."""
+    cols = [before, after, *more]
+    names = list(names) + [f"#{i}" for i in range(len(names), len(cols))]
+    head = ["family", "n"] + [f"pass {n}" for n in names] + [f"quality {n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(f, [c["by_family"][f] for c in cols]) for f in before["by_family"]]
+    rows.append(("**all**", cols))
+    for name, cs in rows:
+        lines.append(f"| {name} | {cs[0]['n']} | " + " | ".join(f"{c['pass_rate']:.0%}"
+                                                            for c in cs) + " | "
+                     + " | ".join(f"{c['quality']:.3f}" for c in cs) + " |")
     return "\n".join(lines)

@@ -1,4 +1,7 @@
-"""`edge-pu run`: anchors -> (sample -> rank -> train) x rounds -> adapter, in a run directory.
+"""`edge-pu run`: anchors -> SFT -> (sample -> rank -> train) x rounds -> adapter, in a run dir.
+
+Stage 1 (edge_pu.sft, `sft.enabled`, on by default) fine-tunes the LoRA on the anchors; the PU
+rounds then continue the same adapter with the SFT policy as reference, judge and first sampler.
 
 Run dir layout (every JSONL is append-only and fsynced per record, so a killed run resumes):
   config.resolved.yaml   the resolved config (printed at start too)
@@ -7,6 +10,7 @@ Run dir layout (every JSONL is append-only and fsynced per record, so a killed r
   scores.jsonl           {"round", "prompt_id", "mode", "scores": [K floats]}
   pairs.jsonl            {"round", "prompt_id", ...} DPO pairs or GRPO targets
   metrics.jsonl          per optimizer step, plus one {"event": "round_end"} line per round
+  state/sft/             the SFT stage's adapter (resume point; the PU stage's reference)
   state/round-N/         adapter + optimizer + RNG after round N (resume point)
   adapter/               the final PEFT adapter (peft.PeftModel.from_pretrained loads it)
   summary.json           what happened, in numbers
@@ -54,6 +58,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunResult:
     run_dir: Path
     anchors: AnchorReport | None = None
+    sft: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -190,9 +195,19 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
         raise EdgePuError(f"{run_dir}: no prompt has an anchor, so there is nothing to train on;"
                           f" see {run_dir / 'teacher_failures.jsonl'}.")
     by_id = {p.id: p for p in prompts}
+    sampler = _make_sampler(backend, cfg, run_dir)
+    if cfg.sft.enabled:  # stage 1: the PU stage starts from, and is measured against, SFT
+        from .sft import run_sft
+
+        ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
+               for pid in anchors}
+        result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
+        if sampler is not None:  # round 1 samples from the SFT policy
+            adapter = run_dir / "sampler" / "adapter-sft"
+            backend.save_adapter(adapter)
+            sampler.refresh(adapter, "sft")
     done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
             if m.get("event") == "round_end"}
-    sampler = _make_sampler(backend, cfg, run_dir)
     for r in range(1, cfg.train.rounds + 1):
         state = run_dir / "state" / f"round-{r}"
         if r in done and (state / "COMPLETE").exists():
@@ -217,7 +232,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     result.seconds = time.time() - t0
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
                "anchored": len(anchors), "teacher_requests_total":
-               AnchorStore(run_dir).requests_made(), "rounds": result.rounds}
+               AnchorStore(run_dir).requests_made(), "sft": result.sft, "rounds": result.rounds}
     if cfg.export.formats:
         from .export_stage import export_run
 
@@ -250,15 +265,19 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
                anchors: dict[str, str], run_dir: Path, r: int, sampler: Any = None
                ) -> dict[str, Any]:
     # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
+    from .sft import anchor_completion
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
     cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
     scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
     prompt_ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
                   for pid in cands}
-    units, records, tied = build_units(cfg.train, prompt_ids,
-                                       {pid: [c["token_ids"] for c in cs]
-                                        for pid, cs in cands.items()}, scores)
+    units, records, counts = build_units(
+        cfg.train, prompt_ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},
+        scores, finished={pid: [bool(c.get("finished", True)) for c in cs]
+                          for pid, cs in cands.items()},
+        anchors={pid: anchor_completion(backend, anchors[pid]) for pid in cands})
+    tied = counts["tied"]
     path = run_dir / "pairs.jsonl"
     if not any(rec["round"] == r for rec in read_jsonl(path)):
         append_jsonl(path, [{"round": r, **rec} for rec in records])
@@ -266,12 +285,15 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     diag: dict[str, Any] = {
         "round": r, "prompts": len(cands), "units": len(units), "tied_prompts": tied,
         "tied_share": tied / max(1, len(cands)),
+        "unfinished_candidates": counts["unfinished"], "dropped_candidates": counts["dropped"],
+        "anchor_units": counts["anchor_units"],
         "score_spread_mean": statistics.fmean(spreads) if spreads else 0.0,
         "candidate_tokens_mean": statistics.fmean(len(c["token_ids"]) for cs in cands.values()
                                                   for c in cs),
     }
     print(f"[round {r}] {len(units)} training units from {len(cands)} prompts; {tied} prompts "
-          "tied (no signal)", flush=True)
+          f"tied; {counts['unfinished']} unfinished candidates ({cfg.train.unfinished}); "
+          f"anchor as positive in {counts['anchor_units']} units", flush=True)
     if not units:
         raise EdgePuError(f"round {r}: every prompt's candidates tied, so there is nothing to "
                           "train on; raise sampling.temperature or sampling.k, or lower "
@@ -307,6 +329,10 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
             diag[f"{key}_last"] = vals[-1]
     if not grpo:
         diag.update(pair_accuracy(backend, units, cfg.train.beta))
+    if grpo:
+        from .train import loss_config
+
+        diag["advantage_std"] = loss_config(cfg.train, units).adv_std
     append_jsonl(run_dir / "metrics.jsonl", [{"event": "round_end", **diag}])
     print(f"[round {r}] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in diag.items()), flush=True)

@@ -7,7 +7,8 @@ Modes (METHOD.md), selected by name from `RANKERS`:
   candidate, answers "Is the candidate as good as the reference?"; s_i = log p(Yes) - log p(No)
   (style `yesno`) or the expected 1-9 rating over the digit tokens (style `rating`). Pointwise,
   so there is no position bias.
-- `similarity` (chrF to the anchor) and `random`: baselines that are not self-ranking.
+- `similarity` (chrF to the anchor), `bleu` (sentence BLEU to the anchor) and `random`:
+  baselines that are not self-ranking.
 With `use_anchor=False`, likelihood and judge drop the reference (the "self-judging without the
 anchor" baseline): likelihood becomes mean-token log pi(y_i | x).
 The judge weights are the frozen starting student (`ranker.judge: initial`, adapter disabled)
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .algo.rank_metrics import chrf
+from .algo.rank_metrics import bleu, chrf
 from .backends.base import Backend
 from .config import RankerConfig
 
@@ -107,6 +108,11 @@ def similarity_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerCo
     return [[chrf(t, it.anchor) for t in it.texts] for it in items]
 
 
+def bleu_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                use_anchor: bool = True) -> list[list[float]]:
+    return [[bleu(t, it.anchor) for t in it.texts] for it in items]
+
+
 def random_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
                   use_anchor: bool = True) -> list[list[float]]:
     out = []
@@ -129,5 +135,6 @@ RANKERS: dict[str, Ranker] = {
     "likelihood": likelihood_scores,
     "judge": judge_scores,
     "similarity": similarity_scores,
+    "bleu": bleu_scores,
     "random": random_scores,
 }

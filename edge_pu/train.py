@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .algo.losses import LOSSES, LossConfig
-from .algo.preferences import is_tied, listwise_target, make_pairs
+from .algo.preferences import group_scores, is_tied, listwise_target, make_pairs, pooled_reward_std
 from .backends.base import Backend, TrainBatch
 from .config import TrainConfig
 
@@ -35,47 +35,86 @@ def loss_name(cfg: TrainConfig) -> str:
     return "dpo" if cfg.algorithm == "dpo" else f"grpo-{cfg.grpo_variant}"
 
 
-def loss_config(cfg: TrainConfig) -> LossConfig:
+def loss_config(cfg: TrainConfig, units: Sequence[Unit] = ()) -> LossConfig:
+    """The loss hyperparameters of a round; `units` supply the pooled advantage scale."""
     norm = cfg.length_norm
-    if cfg.algorithm == "grpo" and cfg.grpo_variant == "distribution" and norm == "token":
+    dist = cfg.algorithm == "grpo" and cfg.grpo_variant == "distribution"
+    if dist and norm == "token":
         norm = "none"  # the distribution variant's alternative to mean-token is the summed ratio
-    return LossConfig(beta=cfg.beta, clip_eps=cfg.clip_eps, beta_kl=cfg.beta_kl,
-                      length_norm=norm)
+    adv_std = 0.0
+    if cfg.algorithm == "grpo" and cfg.advantage_norm == "pooled" and units:
+        adv_std = pooled_reward_std([u.target or [] for u in units])
+    return LossConfig(beta=cfg.dist_beta if dist else cfg.beta, clip_eps=cfg.clip_eps,
+                      beta_kl=cfg.beta_kl, length_norm=norm, adv_std=adv_std)
+
+
+ANCHOR = -1  # the index pairs.jsonl gives the anchor when it joins a pair or a group
 
 
 def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
-                candidates: dict[str, list[list[int]]], scores: dict[str, list[float]]
-                ) -> tuple[list[Unit], list[dict], int]:
-    """Returns (units, pair records for pairs.jsonl, prompts skipped because all scores tie)."""
+                candidates: dict[str, list[list[int]]], scores: dict[str, list[float]],
+                finished: dict[str, list[bool]] | None = None,
+                anchors: dict[str, list[int]] | None = None
+                ) -> tuple[list[Unit], list[dict], dict[str, int]]:
+    """Returns (units, records for pairs.jsonl, counts).
+
+    Scores are calibrated per `cfg.calibration` and unfinished candidates handled per
+    `cfg.unfinished` (edge_pu.algo.preferences.group_scores). With `cfg.anchor: positive` and
+    `anchors` (prompt id -> anchor completion tokens), the anchor is the labelled positive:
+    it scores `anchor_margin` above the group's best candidate, so DPO adds the pair
+    (anchor, worst candidate) and GRPO's group becomes K + 1 rows with the anchor's share of
+    the target mass. counts: tied (prompts with no signal), unfinished (candidates),
+    dropped (candidates left out), anchor_units.
+    """
+    finished = finished or {pid: [True] * len(s) for pid, s in scores.items()}
+    cal = group_scores(scores, finished, calibration=cfg.calibration, unfinished=cfg.unfinished)
+    use_anchor = cfg.anchor == "positive" and anchors is not None
     units: list[Unit] = []
     records: list[dict] = []
-    tied = 0
-    for pid, s in scores.items():
-        cands = candidates[pid]
-        if is_tied(s):
-            tied += 1
-            continue
+    counts = {"tied": 0, "unfinished": sum(not f for fs in finished.values() for f in fs),
+              "dropped": sum(v is None for vs in cal.values() for v in vs), "anchor_units": 0}
+    for pid, raw in cal.items():
+        keep = [j for j, v in enumerate(raw) if v is not None]
+        s = [float(raw[j]) for j in keep]  # type: ignore[arg-type]
+        comps = [candidates[pid][j] for j in keep]
+        tied = is_tied(s)
+        with_anchor = bool(use_anchor and anchors is not None and pid in anchors and s)
+        if with_anchor:
+            s = s + [max(s) + cfg.anchor_margin]
+            comps = comps + [anchors[pid]]
+            keep = keep + [ANCHOR]
+        if tied:
+            counts["tied"] += 1
+            if not with_anchor or len(s) < 2:
+                continue
         if cfg.algorithm == "dpo":
-            for w, lose in make_pairs(s, margin=cfg.margin, strategy=cfg.pair_strategy):
-                units.append(Unit(pid, prompt_ids[pid], [cands[w], cands[lose]]))
-                records.append({"prompt_id": pid, "chosen": w, "rejected": lose,
+            own = s[:-1] if with_anchor else s
+            pairs = [] if tied else make_pairs(own, margin=cfg.margin, strategy=cfg.pair_strategy)
+            if with_anchor and len(s) >= 2:
+                worst = min(range(len(s) - 1), key=s.__getitem__)
+                pairs.append((len(s) - 1, worst))
+            for w, lose in pairs:
+                units.append(Unit(pid, prompt_ids[pid], [comps[w], comps[lose]]))
+                records.append({"prompt_id": pid, "chosen": keep[w], "rejected": keep[lose],
                                 "gap": s[w] - s[lose]})
+                counts["anchor_units"] += keep[w] == ANCHOR
         else:
             d = listwise_target(s, tau=cfg.tau)
-            units.append(Unit(pid, prompt_ids[pid], list(cands), target=d))
-            records.append({"prompt_id": pid, "target": d})
-    return units, records, tied
+            units.append(Unit(pid, prompt_ids[pid], comps, target=d))
+            records.append({"prompt_id": pid, "rows": keep, "target": d})
+            counts["anchor_units"] += with_anchor
+    return units, records, counts
 
 
 def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,
                     batch: int = 8) -> None:
     """Fill each unit's reference (and, for GRPO, sampling-policy) token log-probs.
 
-    While the adapter is still the identity (PEFT's zero-initialised B: the first round of a
-    fresh run), the policy is the reference, so its log-probs are copied, not recomputed.
+    While the policy still equals the reference (a fresh adapter, or the SFT adapter the PU
+    stage starts from), its log-probs are copied, not recomputed.
     """
     rows = [(u, j) for u in units for j in range(len(u.completions))]
-    identity = need_old and getattr(backend, "adapter_is_identity", lambda: False)()
+    identity = need_old and getattr(backend, "policy_is_reference", lambda: False)()
     fields = (("ref", False), ("old", True)) if need_old and not identity else (("ref", False),)
     for field, adapter in fields:
         for u in units:
@@ -120,7 +159,7 @@ def train(backend: Backend, units: list[Unit], cfg: TrainConfig, *, round_idx: i
     """Run the optimizer steps of one round; returns the number of steps taken."""
     grpo = cfg.algorithm == "grpo"
     loss_fn = LOSSES[loss_name(cfg)]
-    lcfg = loss_config(cfg)
+    lcfg = loss_config(cfg, units)
     steps = plan_steps(cfg, len(units))
     order: list[int] = []
     rng = random.Random(cfg.seed * 1000 + round_idx)

@@ -18,19 +18,20 @@ def test_demo_runs_on_a_tiny_student(algorithm: str, tiny_llama_dir: Path, tmp_p
     run_dir = tmp_path / "demo"
     code = main(["demo", "--algorithm", algorithm, "--student", str(tiny_llama_dir),
                  "--run-dir", str(run_dir), "--set", "train.steps=2",
-                 "--set", "sampling.max_new_tokens=6"])
+                 "--set", "sft.steps=3", "--set", "sampling.max_new_tokens=6"])
     assert code == 0
     report = json.loads((run_dir / "demo_report.json").read_text())
     assert report["algorithm"] == algorithm
     assert report["train_prompts"] == 54 and report["heldout_prompts"] == 36
-    for side in ("before", "after"):
+    for side in ("before", "after_sft", "after"):
         assert 0.0 <= report[side]["pass_rate"] <= 1.0 and report[side]["n"] == 36
         assert len(report[side]["by_family"]) == 9
     anchors = [json.loads(x) for x in (run_dir / "anchors.jsonl").read_text().splitlines()]
     assert len(anchors) == 54
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in steps if "step" in m] == [1, 2]
+    assert [m["step"] for m in steps if "step" in m and m.get("stage") == "sft"] == [1, 2, 3]
+    assert [m["step"] for m in steps if "step" in m and m.get("stage") != "sft"] == [1, 2]
 
 
 def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: Path,
@@ -39,7 +40,8 @@ def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: 
                                                                 ) -> None:
     run_dir = tmp_path / "demo"
     base = ["demo", "--student", str(tiny_llama_dir), "--run-dir", str(run_dir),
-            "--set", "train.steps=1", "--set", "sampling.max_new_tokens=4"]
+            "--set", "train.steps=1", "--set", "sft.steps=1",
+            "--set", "sampling.max_new_tokens=4"]
     assert main(base + ["--algorithm", "dpo"]) == 0
     capsys.readouterr()
     assert main(base + ["--algorithm", "grpo"]) != 0

@@ -55,7 +55,7 @@ def test_sft_loss_hand_picked() -> None:
     import torch
 
     from edge_pu.algo.losses import LossConfig, LossInputs
-    from edge_pu.eval.baselines import sft_loss
+    from edge_pu.sft import sft_loss
 
     inf = float("-inf")
     logp = torch.tensor([[-1.0, -2.0, inf], [-0.5, inf, inf]], requires_grad=True)
@@ -91,7 +91,8 @@ def test_teacher_calls_per_prompt(tmp_path: Path) -> None:
 
 
 def test_every_method_gets_the_same_rows_per_step() -> None:
-    """DPO: batch_size pairs = 8 rows; GRPO with K = 4: 8 // 4 = 2 groups = 8 rows."""
+    """DPO: batch_size pairs = 8 rows; GRPO with K = 4: 8 // 4 = 2 groups = 8 rows (plus the
+    anchor row per group when it is the labelled positive). SFT methods use the SFT path."""
     from edge_pu.config import load_config
     from edge_pu.eval.methods import METHODS
     from edge_pu.eval.suite import method_config
@@ -99,12 +100,19 @@ def test_every_method_gets_the_same_rows_per_step() -> None:
     cfg = load_config(None, base={"sampling": {"k": 4}, "train": {"batch_size": 4,
                                                                    "micro_batch": 2}})
     for name, m in METHODS.items():
-        t = method_config(cfg, m, Path("x")).train
+        if m.kind in ("none", "sft", "sft-best"):
+            continue
+        mcfg = method_config(cfg, m, Path("x"), n_sft=3, n_pu=2)
+        t = mcfg.train
+        assert mcfg.sft.enabled == (m.kind == "two"), name
+        if m.kind == "two":
+            assert (mcfg.sft.steps, t.steps) == (3, 2)
         rows = t.batch_size * (cfg.sampling.k if t.algorithm == "grpo" else 2)
         assert rows == 8, name
         assert t.micro_batch <= t.batch_size
     assert method_config(cfg, METHODS["similarity"], Path("x")).ranker.mode == "similarity"
     assert method_config(cfg, METHODS["self-noanchor"], Path("x")).ranker.mode == "likelihood"
+    assert method_config(cfg, METHODS["sft+pu:zscore"], Path("x")).train.calibration == "zscore"
 
 
 def test_reset_adapter_restores_the_untrained_policy(tiny_llama_dir: Path) -> None:
@@ -113,7 +121,7 @@ def test_reset_adapter_restores_the_untrained_policy(tiny_llama_dir: Path) -> No
     from edge_pu.algo.losses import LossConfig
     from edge_pu.backends import make_backend
     from edge_pu.config import load_config
-    from edge_pu.eval.baselines import sft_batches, sft_loss
+    from edge_pu.sft import sft_batches, sft_loss
     from edge_pu.eval.methods import reset_adapter
 
     cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu",
@@ -142,22 +150,29 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     assert {"suite", "sizes", "config", "environment", "before", "methods", "rankers",
             "teacher_calls", "stages", "curves", "seconds"} <= set(res)
-    assert set(res["methods"]) == {"pu-dpo", "sft"}
+    assert set(res["methods"]) == {"sft+pu-grpo-adv", "sft"}
     for m in res["methods"].values():
         assert {"pass_rate_mean", "pass_rate_sd", "quality_mean", "lift_points_mean",
-                "by_family", "train_seconds_mean", "seeds"} <= set(m)
+                "by_family", "train_seconds_mean", "seeds", "lift_vs"} <= set(m)
+        assert m["lift_vs"]["none"]["prompts"] == res["suite"]["heldout_prompts"]
+        lift = m["lift_vs"]["none"]
+        assert lift["lo"] <= lift["points"] <= lift["hi"]
         assert len(m["by_family"]) == 9
+    assert "sft" in res["methods"]["sft+pu-grpo-adv"]["lift_vs"]
     assert set(res["rankers"]) == {"likelihood", "likelihood-noanchor", "judge",
-                                   "judge-noanchor", "similarity", "random"}
+                                   "judge-noanchor", "similarity", "bleu", "random", "oracle"}
+    assert res["rankers"]["oracle"]["mean_tau"] in (None, 1.0)  # the checker agrees with itself
     for r in res["rankers"].values():
+        assert r["candidates_from"] == "sft"
         assert r["prompts_total"] == res["suite"]["train_prompts"] == 9
         assert r["mean_tau"] is None or -1.0 <= r["mean_tau"] <= 1.0
     calls = res["teacher_calls"]
     assert calls["exactly_one"] and calls["requests"] == 9 == calls["prompts"]
     names = {s["name"] for s in res["stages"]}
-    assert {"load", "anchors", "sample", "rank:likelihood", "train:pu-dpo", "eval:sft"} <= names
+    assert {"load", "anchors", "sft-path", "sample:sft", "rank:likelihood:sft",
+            "train:sft+pu-grpo-adv", "eval:sft"} <= names
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in res["stages"])
-    assert set(res["curves"]) == {"pu-dpo", "sft"}
+    assert "sft+pu-grpo-adv" in res["curves"]
     assert "## Ranker quality" in (out / "results.md").read_text()
 
     # A rerun resumes from the files: no new teacher call, no method trained again.
@@ -166,8 +181,8 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert again["teacher_calls"]["requests"] == 9 and again["teacher_calls"]["exactly_one"]
     assert not any(s["name"].startswith("train:") and not s.get("resumed")
                    for s in again["stages"])
-    assert again["methods"]["pu-dpo"]["pass_rate_mean"] == res["methods"]["pu-dpo"][
-        "pass_rate_mean"]
+    assert again["methods"]["sft+pu-grpo-adv"]["pass_rate_mean"] == res["methods"][
+        "sft+pu-grpo-adv"]["pass_rate_mean"]
 
     # The cached candidates and results belong to this config: another one is refused.
     assert main(argv + ["--set", "train.lr=0.1"]) != 0

@@ -37,7 +37,9 @@ def tiny_cfg(root: Path, student: Path, **sections: dict) -> object:
         "teacher": {"kind": "file", "path": str(anchors)},
         "data": {"prompts": str(prompts)},
         "sampling": {"k": 4, "max_new_tokens": 10, "temperature": 1.0},
-        "train": {"steps": 8, "lr": 0.01, "batch_size": 2, "micro_batch": 1, "beta": 0.1},
+        "train": {"algorithm": "dpo", "steps": 8, "lr": 0.01, "batch_size": 2, "micro_batch": 1,
+                  "beta": 0.1},
+        "sft": {"steps": 2, "batch_size": 4, "micro_batch": 4},
         "backend": "cpu",
         "run_dir": str(root / "run"),
     }
@@ -67,7 +69,11 @@ def test_run_dir_holds_every_stage(dpo_run) -> None:
     scores = read_jsonl(d / "scores.jsonl")
     assert {s["prompt_id"] for s in scores} == {a["id"] for a in anchors}
     assert all(len(s["scores"]) == cfg.sampling.k for s in scores)
-    steps = [m for m in read_jsonl(d / "metrics.jsonl") if "step" in m]
+    metrics = read_jsonl(d / "metrics.jsonl")
+    sft = [m for m in metrics if m.get("stage") == "sft" and "step" in m]
+    assert [m["step"] for m in sft] == [1, 2]  # stage 1 logged before the PU steps
+    assert (d / "state" / "sft" / "COMPLETE").exists()
+    steps = [m for m in metrics if "step" in m and m.get("stage") != "sft"]
     assert [m["step"] for m in steps] == list(range(1, cfg.train.steps + 1))
     assert {"loss", "reward_margin", "reward_accuracy"} <= set(steps[0])
 
@@ -107,7 +113,7 @@ def test_rerun_makes_zero_teacher_calls(dpo_run) -> None:
     assert len(read_jsonl(ledger)) == calls_before
     # Resumed rounds are not retrained: the metrics keep one line per step.
     steps = [m for m in read_jsonl(Path(cfg.run_dir) / "metrics.jsonl") if "step" in m]
-    assert len(steps) == cfg.train.steps
+    assert len(steps) == cfg.train.steps + cfg.sft.steps
 
 
 def _margin_top_vs_bottom(backend, cfg, run_dir: Path, round_idx: int) -> float:
@@ -170,13 +176,49 @@ def test_policy_logprobs_are_copied_only_while_the_adapter_is_the_identity(
     prompt = backend.chat_ids([{"role": "user", "content": PROMPTS[0]}])
     comps = [backend.token_ids(t) for t in ("the answer is five", "two plus three")]
     fresh = Unit("p0", prompt, comps)
-    assert backend.adapter_is_identity()
+    assert backend.policy_is_reference()
     attach_logprobs(backend, [fresh], need_old=True)
     assert fresh.old == fresh.ref
     assert fresh.ref == backend.logprobs([prompt, prompt], comps, adapter=True)  # exact
     with torch.no_grad():
         next(p for n, p in backend.model.named_parameters() if "lora_B" in n).fill_(0.5)
-    assert not backend.adapter_is_identity()
+    assert not backend.policy_is_reference()
     moved = Unit("p0", prompt, comps)
     attach_logprobs(backend, [moved], need_old=True)
     assert moved.ref == fresh.ref and moved.old != moved.ref
+
+
+def test_two_stage_adapter_is_one_lora_on_the_original_base(dpo_run, tiny_llama_dir: Path
+                                                            ) -> None:
+    """The final adapter/ is the SFT adapter trained on by the PU stage: one LoRA that
+    PeftModel.from_pretrained puts on the untouched student, giving the trained policy's
+    log-probs; state/sft/adapter on the same base gives the reference the PU stage used."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edge_pu.backends import make_backend
+
+    cfg, _ = dpo_run
+    d = Path(cfg.run_dir)
+    backend = make_backend("cpu")
+    backend.load(cfg)
+    backend.load_adapter(d / "state" / "sft" / "adapter")
+    backend.set_reference()
+    assert backend.policy_is_reference()
+    backend.load_adapter(d / "adapter")
+    assert not backend.policy_is_reference()
+    prompt = backend.chat_ids([{"role": "user", "content": PROMPTS[1]}])
+    comp = backend.token_ids("the answer is apple")
+    policy = backend.logprobs([prompt], [comp], adapter=True)[0]
+    reference = backend.logprobs([prompt], [comp], adapter=False)[0]
+    for adapter_dir, want in ((d / "adapter", policy), (d / "state" / "sft" / "adapter",
+                                                         reference)):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        ids = torch.tensor([prompt + comp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        got = [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(comp)]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(policy, reference, strict=True)) > 1e-3

@@ -54,6 +54,10 @@ class LossConfig:
     beta_kl: float = 0.04  # GRPO weight of the KL(pi || pi_ref) penalty
     length_norm: str = "sequence"
     eps: float = 1e-6  # advantage std floor; a group with std(r) <= eps has zero advantage
+    # > 0: divide every group's centred rewards by this one number (the round's pooled std of
+    # r, `preferences.pooled_reward_std`) instead of by the group's own std, so a group whose
+    # scores barely differ gets a small advantage rather than a full-size one.
+    adv_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.length_norm not in LENGTH_NORMS:
@@ -65,6 +69,8 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{name} is {getattr(self, name)}: it must be > 0")
         if not self.beta_kl >= 0:
             raise ValueError(f"LossConfig.beta_kl is {self.beta_kl}: it must be >= 0")
+        if not self.adv_std >= 0:
+            raise ValueError(f"LossConfig.adv_std is {self.adv_std}: it must be >= 0")
 
 
 @dataclass
@@ -151,8 +157,11 @@ def dpo_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def group_advantages(target: Tensor, eps: float = 1e-6) -> Tensor:
+def group_advantages(target: Tensor, eps: float = 1e-6, adv_std: float = 0.0) -> Tensor:
     """A = (r - mean r) / (std r + eps) per group, with r = K d; [G, K] in, [G, K] out.
+
+    With adv_std > 0 the divisor is that one number for every group (A = (r - mean r) /
+    adv_std), and only a group with std(r) <= eps is zeroed.
 
     std is the population std (divide by K, not K - 1): the K candidates are the whole group
     being ranked, not a sample of one, and so each group's advantages have mean 0 and variance
@@ -162,7 +171,8 @@ def group_advantages(target: Tensor, eps: float = 1e-6) -> Tensor:
     """
     reward = target.shape[-1] * target
     std = reward.std(dim=-1, correction=0, keepdim=True)
-    adv = (reward - reward.mean(dim=-1, keepdim=True)) / (std + eps)
+    divisor = adv_std if adv_std > 0 else std + eps
+    adv = (reward - reward.mean(dim=-1, keepdim=True)) / divisor
     return torch.where(std > eps, adv, torch.zeros_like(adv))
 
 
@@ -204,7 +214,7 @@ def grpo_advantage_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     rows = groups.reshape(-1)
     logp, ref, mask = logp[rows], ref[rows], mask[rows]
     old = old.detach().float()[rows]
-    adv = group_advantages(target, cfg.eps)
+    adv = group_advantages(target, cfg.eps, cfg.adv_std)
     adv_tok = adv.reshape(-1, 1)
 
     ratio = torch.exp(_masked(logp - old, mask))

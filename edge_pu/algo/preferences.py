@@ -12,7 +12,7 @@ Pure Python: no torch, no numpy, so the ranking maths can be checked anywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 Pair = tuple[int, int]
 
@@ -94,3 +94,108 @@ def is_tied(scores: Sequence[float], eps: float = 1e-9) -> bool:
     if len(values) < 2:
         return True
     return max(values) - min(values) <= eps
+
+
+# ---- calibration: one scale for every ranker ----------------------------------------------
+
+def _pvar(values: Sequence[float]) -> float:
+    m = math.fsum(values) / len(values)
+    return math.fsum((v - m) ** 2 for v in values) / len(values)
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def _centred(values: Sequence[float]) -> list[float]:
+    m = math.fsum(values) / len(values)
+    return [v - m for v in values]
+
+
+def calibrate(groups: Mapping[str, Sequence[float]], method: str) -> dict[str, list[float]]:
+    """Put each group's scores on a common scale (METHOD.md: "calibrated within a group").
+
+    - `pooled`: z_i = (s_i - mean_g s) / S, with S = sqrt(mean over groups of the population
+      variance within a group), one S for the whole round. A typical group then spreads about
+      +-1 whatever the ranker's raw scale (likelihood tenths of a nat, judge log-odds several
+      nats, chrF 0-1), so tau means the same for every ranker, while a group whose candidates
+      barely differ keeps its small spread: near-ties are not inflated into full-size signal.
+    - `zscore`: the same with each group's own std (a 1e-4 gap becomes +-1: inflates ties).
+    - `rank`: tied-average ranks, centred and divided by the std of 1..K.
+    - `none`: the raw scores.
+    Groups of one score, or with no spread, come out as zeros (pooled/zscore/rank).
+    """
+    if method not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {method!r}: use one of {', '.join(CALIBRATIONS)}")
+    checked = {g: _check_scores(s) for g, s in groups.items()}
+    if method == "none":
+        return checked
+    if method == "pooled":
+        spread = [_pvar(s) for s in checked.values() if len(s) >= 2]
+        scale = math.sqrt(math.fsum(spread) / len(spread)) if spread else 0.0
+        return {g: [v / scale if scale > 0 else 0.0 for v in _centred(s)] if s else []
+                for g, s in checked.items()}
+    out: dict[str, list[float]] = {}
+    for g, s in checked.items():
+        vals = _ranks(s) if method == "rank" else s
+        sd = math.sqrt((len(s) ** 2 - 1) / 12) if method == "rank" else \
+            (math.sqrt(_pvar(s)) if s else 0.0)
+        out[g] = [v / sd if sd > 1e-12 else 0.0 for v in _centred(vals)] if s else []
+        if method == "rank" and s and max(s) - min(s) <= 1e-12:
+            out[g] = [0.0] * len(s)
+    return out
+
+
+CALIBRATIONS = ("pooled", "zscore", "rank", "none")
+UNFINISHED_GAP = 1.0  # calibrated units between the worst finished and the unfinished
+
+
+def group_scores(scores: Mapping[str, Sequence[float]], finished: Mapping[str, Sequence[bool]],
+                 *, calibration: str, unfinished: str) -> dict[str, list[float | None]]:
+    """Calibrated scores per group, with unfinished candidates handled as configured.
+
+    The scale is fitted on finished candidates only (a ramble cut at max_new_tokens is not an
+    answer, METHOD.md). `unfinished`:
+    - `below`: every unfinished candidate scores UNFINISHED_GAP under the group's worst
+      finished one (all tied there); a group with no finished candidate keeps its calibrated
+      order (then nothing is known to be better);
+    - `drop`: unfinished candidates get None (no pair uses them);
+    - `keep`: finished or not, all are calibrated together (the old behaviour).
+    """
+    if unfinished not in ("below", "drop", "keep"):
+        raise ValueError(f"unknown unfinished rule {unfinished!r}: use below, drop or keep")
+    if unfinished == "keep":
+        return {g: list(v) for g, v in calibrate(scores, calibration).items()}
+    done = {g: [s for s, f in zip(v, finished[g], strict=True) if f] for g, v in scores.items()}
+    cal_done = calibrate({g: v for g, v in done.items() if v}, calibration)
+    open_ = {g: [s for s, f in zip(v, finished[g], strict=True) if not f]
+             for g, v in scores.items() if not any(finished[g])}
+    cal_open = calibrate(open_, calibration) if open_ else {}
+    out: dict[str, list[float | None]] = {}
+    for g, v in scores.items():
+        fin = list(finished[g])
+        if not any(fin):
+            out[g] = list(cal_open[g]) if unfinished == "below" else [None] * len(v)
+            continue
+        it = iter(cal_done[g])
+        floor = min(cal_done[g]) - UNFINISHED_GAP
+        out[g] = [next(it) if f else (floor if unfinished == "below" else None) for f in fin]
+    return out
+
+
+def pooled_reward_std(targets: Sequence[Sequence[float]]) -> float:
+    """sqrt(mean over groups of the population variance of r = K d): the round's typical
+    spread of GRPO rewards, the divisor of `advantage_norm: pooled`."""
+    var = [_pvar([len(d) * x for x in d]) for d in targets if len(d) >= 2]
+    return math.sqrt(math.fsum(var) / len(var)) if var else 0.0

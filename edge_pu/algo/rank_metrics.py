@@ -82,3 +82,35 @@ def chrf(hypothesis: str, reference: str, *, n: int = 6, beta: float = 2.0) -> f
         return 0.0
     b2 = beta * beta
     return (1 + b2) * chr_p * chr_r / (b2 * chr_p + chr_r)
+
+
+def _word_ngrams(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(hypothesis: str, reference: str, *, max_n: int = 4) -> float:
+    """Sentence BLEU of `hypothesis` against one `reference`, in [0, 1] (BLEUBERI's reward,
+    arXiv 2505.11080, uses BLEU against a strong reference the same way).
+
+    Whitespace tokens; modified n-gram precisions p_n (clipped counts) for n = 1..max_n with
+    add-one smoothing for n > 1 (Lin & Och 2004: (m + 1) / (c + 1)), their geometric mean,
+    times the brevity penalty BP = exp(1 - r / c) when the hypothesis (c words) is shorter
+    than the reference (r words), else 1. 0.0 when either side has no word, or no unigram
+    matches.
+    """
+    hyp, ref = hypothesis.split(), reference.split()
+    if not hyp or not ref:
+        return 0.0
+    logs = []
+    for n in range(1, max_n + 1):
+        h, r = _word_ngrams(hyp, n), _word_ngrams(ref, n)
+        total = sum(h.values())
+        matched = sum((h & r).values())
+        if n == 1:
+            if matched == 0:
+                return 0.0
+            logs.append(math.log(matched / total))
+        else:
+            logs.append(math.log((matched + 1) / (total + 1)))
+    bp = 1.0 if len(hyp) >= len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * math.exp(sum(logs) / max_n)

@@ -62,6 +62,9 @@ class MLXBackend:
         self.quant_format = "none"
         self.optimizer: optim.AdamW | None = None
         self.step = 0  # optimizer steps taken (drives warmup, saved with the state)
+        # (lora_a, lora_b) per LoRA layer of the reference policy when it is not the base
+        # (after the SFT stage); None: the reference is the base (adapter disabled).
+        self.reference: list[tuple[mx.array, mx.array]] | None = None
 
     # ---- loading ---------------------------------------------------------------------------
     def load(self, cfg: RunConfig) -> None:
@@ -108,6 +111,9 @@ class MLXBackend:
         model.eval()
         mx.eval(model.parameters())
         self.model = model
+        self.reference = None
+        self.optimizer = None
+        self.step = 0
         self._split = self._check_split_head()
         if cfg.train.gradient_checkpointing:
             _checkpoint_layers(self.model)
@@ -160,6 +166,10 @@ class MLXBackend:
     # ---- adapter on/off --------------------------------------------------------------------
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[None]:
+        if not enabled and self.reference is not None:
+            with self._swapped(self.reference):
+                yield
+            return
         layers = [m for _, m in lora_layers(self.model)]
         before = [m.enabled for m in layers]
         for m in layers:
@@ -169,6 +179,40 @@ class MLXBackend:
         finally:
             for m, state in zip(layers, before, strict=True):
                 m.enabled = state
+
+    @contextlib.contextmanager
+    def _swapped(self, weights: list[tuple[mx.array, mx.array]]) -> Iterator[None]:
+        layers = [m for _, m in lora_layers(self.model)]
+        saved = [(m.lora_a, m.lora_b) for m in layers]
+        for m, (a, b) in zip(layers, weights, strict=True):
+            m.lora_a, m.lora_b = a, b
+        try:
+            yield
+        finally:
+            for m, (a, b) in zip(layers, saved, strict=True):
+                m.lora_a, m.lora_b = a, b
+
+    def set_reference(self) -> None:
+        """The current adapter becomes the reference policy (see the torch backend)."""
+        self.reference = [(m.lora_a, m.lora_b) for _, m in lora_layers(self.model)]
+
+    def clear_reference(self) -> None:
+        self.reference = None
+
+    def policy_is_reference(self) -> bool:
+        layers = [m for _, m in lora_layers(self.model)]
+        if self.reference is None:
+            return all(not bool(mx.any(m.lora_b).item()) for m in layers)
+        return all(bool(mx.array_equal(m.lora_a, a).item() and mx.array_equal(m.lora_b, b)
+                        .item()) for m, (a, b) in zip(layers, self.reference, strict=True))
+
+    def reset_optimizer(self, train: Any) -> None:
+        """A fresh optimizer and warmup for the next stage, with its own hyperparameters."""
+        import dataclasses
+
+        self.cfg = dataclasses.replace(self.cfg, train=train)
+        self.optimizer = None
+        self.step = 0
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,

@@ -109,11 +109,13 @@ def dpo_loss(x: MLXLossInputs, cfg: Any) -> tuple[mx.array, Metrics]:
     }
 
 
-def group_advantages(target: mx.array, eps: float = 1e-6) -> mx.array:
+def group_advantages(target: mx.array, eps: float = 1e-6,
+                     adv_std: float = 0.0) -> mx.array:
     """A = (r - mean r) / (std r + eps) with r = K d, population std; 0 where std <= eps."""
     reward = target.shape[-1] * target
     std = mx.sqrt(mx.var(reward, axis=-1, keepdims=True))
-    adv = (reward - reward.mean(axis=-1, keepdims=True)) / (std + eps)
+    divisor = adv_std if adv_std > 0 else std + eps  # see edge_pu.algo.losses
+    adv = (reward - reward.mean(axis=-1, keepdims=True)) / divisor
     return mx.where(std > eps, adv, mx.zeros_like(adv))
 
 
@@ -136,7 +138,7 @@ def grpo_advantage_loss(x: MLXLossInputs, cfg: Any) -> tuple[mx.array, Metrics]:
     rows = groups.reshape(-1)
     logp, ref, mask = logp[rows], ref[rows], mask[rows]
     old = mx.stop_gradient(old).astype(mx.float32)[rows]
-    adv = group_advantages(target, cfg.eps)
+    adv = group_advantages(target, cfg.eps, getattr(cfg, "adv_std", 0.0))
     adv_tok = adv.reshape(-1, 1)
 
     ratio = mx.exp(_masked(logp - old, mask))

@@ -13,8 +13,10 @@ gradient checkpointing transformers will not return a cache, so those runs take 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..algo.losses import LossInputs
-from ..config import RunConfig, SamplingConfig
+from ..config import RunConfig, SamplingConfig, TrainConfig
 from ..errors import EdgePuError
 from .base import GRAD_CHECKPOINTING, NF4, SHARED_PREFILL, Sample, TrainBatch
 
@@ -47,6 +49,9 @@ class TorchBackend:
         self.quant_format = "none"
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        # The reference policy's LoRA weights when it is not the base (after the SFT stage):
+        # `adapter=False` swaps them in. None: the reference is the base (adapter disabled).
+        self.reference: dict[str, torch.Tensor] | None = None
 
     # ---- loading ---------------------------------------------------------------------------
     def load(self, cfg: RunConfig) -> None:
@@ -105,6 +110,8 @@ class TorchBackend:
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lcfg)
         self.model.eval()
+        self.reference = None
+        self.optimizer = self.scheduler = None
         # transformers 5.2x renamed past_key_values to cache; accept both generations.
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -325,7 +332,53 @@ class TorchBackend:
     def _adapter(self, enabled: bool) -> Any:
         import contextlib
 
-        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+        if enabled:
+            return contextlib.nullcontext()
+        if self.reference is None:
+            return self.model.disable_adapter()
+        return self._swapped(self.reference)
+
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+
+    @contextlib.contextmanager
+    def _swapped(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The adapter's weights replaced in place by `weights`, restored on exit (no_grad:
+        only the reference policy is evaluated this way, never trained)."""
+        params = self._lora_params()
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            for n, p in params.items():
+                p.copy_(weights[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    def set_reference(self) -> None:
+        """The current adapter becomes the reference policy (and the frozen judge): after the
+        SFT stage, `adapter=False` means the SFT policy, not the base. Training continues the
+        same adapter, so the final adapter/ is one LoRA on the original base (TRL's
+        ref_adapter_name does the same with two adapter copies)."""
+        self.reference = {n: p.detach().clone() for n, p in self._lora_params().items()}
+
+    def clear_reference(self) -> None:
+        self.reference = None
+
+    def load_adapter(self, path: Path) -> None:
+        """Adopt a PEFT adapter dir (saved by save_adapter/save_state) as the current LoRA."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(Path(path) /
+                                                            "adapter_model.safetensors")))
+
+    def reset_optimizer(self, train: TrainConfig) -> None:
+        """A fresh optimizer and warmup for the next stage, with its own hyperparameters."""
+        self.cfg = dataclasses.replace(self.cfg, train=train)
+        self.optimizer = self.scheduler = None
 
     # ---- training --------------------------------------------------------------------------
     def _ensure_optimizer(self) -> None:
@@ -388,11 +441,7 @@ class TorchBackend:
         write_atomic(path / "COMPLETE", "ok\n")
 
     def load_state(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(self.model,
-                                  load_file(str(path / "adapter" / "adapter_model.safetensors")))
+        self.load_adapter(path / "adapter")
         state = torch.load(path / "trainer.pt", weights_only=True)
         if state["optimizer"] is not None:
             self._ensure_optimizer()
@@ -401,11 +450,14 @@ class TorchBackend:
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
 
-    def adapter_is_identity(self) -> bool:
-        """True while every LoRA B is zero, so the policy equals the reference exactly."""
+    def policy_is_reference(self) -> bool:
+        """True while the policy equals the reference exactly: every LoRA B zero (reference =
+        base), or every LoRA weight equal to the reference's (just after the SFT stage)."""
         with torch.no_grad():
-            return all(not bool(p.any()) for n, p in self.model.named_parameters()
-                       if "lora_B" in n)
+            if self.reference is None:
+                return all(not bool(p.any()) for n, p in self.model.named_parameters()
+                           if "lora_B" in n)
+            return all(torch.equal(p, self.reference[n]) for n, p in self._lora_params().items())
 
     def merge(self, out_dir: Path) -> Path:
         from ..export.merge import merge_adapter

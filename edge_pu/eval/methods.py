@@ -1,24 +1,34 @@
 """The methods the evaluation compares, and how a shared backend is reset between them.
 
-Every trained method starts from the same untrained student (the LoRA adapter re-initialised
-for the seed), trains on the same prompts for the same number of optimizer steps with the same
-number of completion rows per step (DPO: batch_size pairs = 2 x batch_size rows; GRPO: 2 x
-batch_size / K groups of K rows; SFT: 2 x batch_size anchors), and is scored greedily on the
-same held-out prompts.
+Budget: every trained method takes the same number of optimizer steps N (`train.steps` of the
+eval config) of about the same number of completion rows per step (SFT: sft.batch_size
+anchors; DPO: train.batch_size pairs = 2 x that many rows; GRPO: groups of K (+1 with the
+anchor) rows, 2 x batch_size / K groups). Two-stage methods spend N_sft = N - N_pu steps on
+SFT (the same SFT trajectory as `sft`, so they share its first N_sft steps exactly) and N_pu on
+the PU stage, which starts from that SFT adapter, with it as reference and frozen judge, on K
+candidates sampled from it. `sft-best` is the strong baseline: SFT checkpoints at N/2, N, 3N/2
+and 2N steps, the one with the best pass rate on a validation split (never the held-out set).
 
-| name           | kind     | training signal                                                  |
-|----------------|----------|------------------------------------------------------------------|
-| none           | none     | no training (the untrained student)                              |
-| pu-dpo         | pipeline | DPO on anchor-conditioned self-ranking (ranker.mode, anchor on)  |
-| pu-grpo-adv    | pipeline | LDL-GRPO `advantage` on the same ranking                         |
-| pu-grpo-dist   | pipeline | LDL-GRPO `distribution` on the same ranking                      |
-| sft            | sft      | NLL of the anchors                                               |
-| spin           | spin     | DPO, anchor = chosen, a student sample = rejected                |
-| similarity     | pipeline | DPO on chrF-to-anchor ranking                                    |
-| random         | pipeline | DPO on random pairs                                              |
-| self-noanchor  | pipeline | DPO on the same self-ranking without the anchor                  |
-| grpo-random    | pipeline | LDL-GRPO `advantage` on random scores: what GRPO's on-policy,    |
-|                |          | clipped, KL-held training does with no ranking signal at all     |
+| name                 | kind     | training signal                                                |
+|----------------------|----------|----------------------------------------------------------------|
+| none                 | none     | no training (the untrained student)                            |
+| sft                  | sft      | NLL of the anchors, N steps                                    |
+| sft-best             | sft-best | NLL of the anchors, steps chosen on the validation split       |
+| sft+pu-grpo-adv      | two      | SFT, then LDL-GRPO `advantage` on anchor-conditioned           |
+|                      |          | self-ranking (ranker.mode): the library default                |
+| sft+pu-dpo           | two      | SFT, then DPO on the same ranking                              |
+| sft+pu-grpo-dist     | two      | SFT, then LDL-GRPO `distribution` on the same ranking          |
+| sft+oracle           | two      | SFT, then GRPO-adv on the checker's quality: the ceiling of    |
+|                      |          | any ranking                                                    |
+| sft+random           | two      | SFT, then GRPO-adv on random scores (no ranking signal; the    |
+|                      |          | anchor and the unfinished rule still act)                      |
+| sft+similarity       | two      | SFT, then GRPO-adv on chrF to the anchor                       |
+| sft+bleu             | two      | SFT, then GRPO-adv on BLEU to the anchor (BLEUBERI)            |
+| sft+pu:no-anchor     | two      | the default without the anchor as positive                     |
+| sft+pu:keep-unfinished | two    | the default with unfinished candidates ranked like answers     |
+| sft+pu:zscore        | two      | the default with per-group z-scores instead of pooled scale    |
+| sft+pu:group-adv     | two      | the default with advantages divided by each group's std        |
+| pu-dpo ...           | pipeline | single-stage: PU from the untrained student (as before)        |
 """
 
 from __future__ import annotations
@@ -30,11 +40,12 @@ from typing import Any
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # none | pipeline | sft | spin
+    kind: str  # none | pipeline | two | sft | sft-best | spin
     algorithm: str = "dpo"
     grpo_variant: str = "distribution"
     ranker: str = ""  # a RANK_SPECS name; "{mode}" stands for the config's ranker.mode
     about: str = ""
+    train: tuple[tuple[str, Any], ...] = ()  # train.* overrides (the ablations)
 
     def ranker_spec(self, mode: str) -> str:
         return self.ranker.replace("{mode}", mode)
@@ -56,8 +67,34 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            about="DPO on self-ranking without the anchor"),
     Method("grpo-random", "pipeline", "grpo", "advantage", ranker="random",
            about="LDL-GRPO (advantage) on random scores"),
+    Method("sft-best", "sft-best", about="SFT, steps chosen on the validation split"),
+    Method("sft+pu-grpo-adv", "two", "grpo", "advantage", ranker="{mode}",
+           about="SFT, then PU self-ranking + LDL-GRPO (advantage): the default"),
+    Method("sft+pu-dpo", "two", "dpo", ranker="{mode}", about="SFT, then PU + DPO"),
+    Method("sft+pu-grpo-dist", "two", "grpo", "distribution", ranker="{mode}",
+           about="SFT, then PU + LDL-GRPO (distribution)"),
+    Method("sft+oracle", "two", "grpo", "advantage", ranker="oracle",
+           about="SFT, then GRPO on the checker's quality (ceiling)"),
+    Method("sft+random", "two", "grpo", "advantage", ranker="random",
+           about="SFT, then GRPO on random scores (control)"),
+    Method("sft+similarity", "two", "grpo", "advantage", ranker="similarity",
+           about="SFT, then GRPO on chrF to the anchor"),
+    Method("sft+bleu", "two", "grpo", "advantage", ranker="bleu",
+           about="SFT, then GRPO on BLEU to the anchor"),
+    Method("sft+pu:no-anchor", "two", "grpo", "advantage", ranker="{mode}",
+           train=(("anchor", "none"),), about="default without the anchor as positive"),
+    Method("sft+pu:keep-unfinished", "two", "grpo", "advantage", ranker="{mode}",
+           train=(("unfinished", "keep"),), about="default, unfinished ranked like answers"),
+    Method("sft+pu:zscore", "two", "grpo", "advantage", ranker="{mode}",
+           train=(("calibration", "zscore"),), about="default, per-group z-score"),
+    Method("sft+pu:group-adv", "two", "grpo", "advantage", ranker="{mode}",
+           train=(("advantage_norm", "group"),), about="default, per-group advantage std"),
 )}
-QUICK_METHODS = ("pu-dpo", "sft")
+QUICK_METHODS = ("sft", "sft+pu-grpo-adv")
+DEFAULT_METHODS = ("none", "sft", "sft-best", "sft+pu-grpo-adv", "sft+pu-dpo",
+                   "sft+pu-grpo-dist", "sft+oracle", "sft+random", "sft+similarity",
+                   "sft+bleu", "sft+pu:no-anchor", "sft+pu:keep-unfinished", "sft+pu:zscore",
+                   "sft+pu:group-adv")
 
 
 def reset_adapter(backend: Any, cfg: Any, seed: int) -> None:
@@ -80,7 +117,7 @@ def reset_adapter(backend: Any, cfg: Any, seed: int) -> None:
         if isinstance(module, LoraLayer):
             for name in list(module.lora_A.keys()):
                 module.reset_lora_parameters(name, True)
+    backend.clear_reference()
+    backend.reset_optimizer(cfg.train)
     backend.cfg = cfg
-    backend.optimizer = None
-    backend.scheduler = None
     model.eval()

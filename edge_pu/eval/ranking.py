@@ -30,7 +30,9 @@ RANK_SPECS: dict[str, tuple[str, bool]] = {  # name -> (edge_pu.rank mode, use_a
     "judge": ("judge", True),
     "judge-noanchor": ("judge", False),
     "similarity": ("similarity", True),
+    "bleu": ("bleu", True),
     "random": ("random", True),
+    "oracle": ("oracle", True),  # the checker's quality (edge_pu.eval.runners): the ceiling
 }
 
 
@@ -62,7 +64,7 @@ def summarize(scores: Sequence[Sequence[float]], qualities: Sequence[Sequence[fl
     taus = [t for t in prompt_taus(scores, qualities) if t is not None]
     top1 = [q[max(range(len(s)), key=lambda i: (s[i], -i))] for s, q in
             zip(scores, qualities, strict=True)]
-    return {"mean_tau": statistics.fmean(taus) if taus else None,
+    return {"mean_tau": statistics.fmean(taus) if taus else None, "taus": taus,
             "prompts_used": len(taus), "prompts_total": len(scores),
             "top1_quality": statistics.fmean(top1) if top1 else 0.0,
             "mean_quality": statistics.fmean(statistics.fmean(q) for q in qualities)

@@ -45,8 +45,17 @@ def build_results(*, opts: dict[str, Any], sizes: dict[str, int], cfg: dict[str,
                   methods: dict[str, list[dict[str, Any]]],
                   rankers: dict[str, list[dict[str, Any]]], teacher: dict[str, Any],
                   stages: list[dict[str, Any]], curves: dict[str, dict[str, list[float]]],
-                  seconds: float) -> dict[str, Any]:
+                  seconds: float, benchmark: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
+
+    from .stats import mean_ci, paired_lift, per_prompt_mean, verdict
+
+    def passes(runs: list[dict[str, Any]]) -> list[float]:
+        return per_prompt_mean([r["passes"] for r in runs if "passes" in r])
+
+    per_method = {name: passes(runs) for name, runs in methods.items()}
+    base = {"none": [float(x) for x in before.get("passes", [])],
+            "sft": per_method.get("sft", []), "sft-best": per_method.get("sft-best", [])}
 
     out_methods: dict[str, Any] = {}
     for name, runs in methods.items():
@@ -58,13 +67,23 @@ def build_results(*, opts: dict[str, Any], sizes: dict[str, int], cfg: dict[str,
             "lift_points_per_seed": [100 * (r["pass_rate"] - before["pass_rate"]) for r in runs],
             "train_seconds_mean": _mean([s["seconds"] for s in train]) if train else 0.0,
             "train_peak_rss_mb": max((s["peak_rss_mb"] for s in train), default=0.0),
-            "seeds": runs}
+            "lift_vs": {}, "seeds": runs}
+        for ref, b in base.items():
+            a = per_method[name]
+            if ref != name and a and b and len(a) == len(b):
+                ci = paired_lift(a, b)
+                out_methods[name]["lift_vs"][ref] = {
+                    "points": 100 * ci["mean"], "lo": 100 * ci["lo"], "hi": 100 * ci["hi"],
+                    "prompts": ci["n"], "verdict": verdict(ci)}
     out_rankers: dict[str, Any] = {}
     for spec, runs in rankers.items():
         taus = [r["mean_tau"] for r in runs if r["mean_tau"] is not None]
+        pooled = [t for r in runs for t in r.get("taus", [])]
         out_rankers[spec] = {
             "mode": RANK_SPECS[spec][0], "anchor": RANK_SPECS[spec][1],
             "mean_tau": _mean(taus) if taus else None, "mean_tau_sd": _sd(taus),
+            "tau_ci": mean_ci(pooled) if pooled else None,
+            "candidates_from": runs[0].get("candidates_from", "") if runs else "",
             "prompts_used": sum(r["prompts_used"] for r in runs),
             "prompts_total": sum(r["prompts_total"] for r in runs),
             **{k: _mean([r[k] for r in runs]) for k in ("top1_quality", "mean_quality",
@@ -77,7 +96,33 @@ def build_results(*, opts: dict[str, Any], sizes: dict[str, int], cfg: dict[str,
                             "torch": torch.__version__},
             "before": before, "methods": out_methods, "rankers": out_rankers,
             "teacher_calls": teacher, "stages": stages, "curves": curves,
-            "seconds": round(seconds, 1)}
+            "benchmark": _benchmark(benchmark or {}), "seconds": round(seconds, 1)}
+
+
+def _benchmark(b: dict[str, Any]) -> dict[str, Any]:
+    """IFEval means over seeds, and paired lifts of prompt-level strict accuracy."""
+    if not b:
+        return {}
+    from .stats import paired_lift, per_prompt_mean, verdict
+
+    keys = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
+    out: dict[str, Any] = {"prompts": b["prompts"], "max_new_tokens": b["max_new_tokens"],
+                           "methods": {}}
+    strict = {m: per_prompt_mean([[float(p["strict"]) for p in r["per_prompt"]] for r in runs])
+              for m, runs in b["methods"].items()}
+    for m, runs in b["methods"].items():
+        row: dict[str, Any] = {k: _mean([r[k] for r in runs]) for k in keys}
+        row["n_seeds"] = len(runs)
+        row["lift_vs"] = {}
+        for ref in ("none", "sft", "sft-best"):
+            if ref != m and ref in strict and strict[ref] and strict[m]:
+                ci = paired_lift(strict[m], strict[ref])
+                row["lift_vs"][ref] = {"points": 100 * ci["mean"], "lo": 100 * ci["lo"],
+                                       "hi": 100 * ci["hi"], "verdict": verdict(ci)}
+        out["methods"][m] = row
+    out["tokenizer_note"] = next((r.get("tokenizer_note") for runs in b["methods"].values()
+                                  for r in runs if r.get("tokenizer_note")), "")
+    return out
 
 
 def family_rows(r: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -95,6 +140,28 @@ def _pm(mean: float, sd: float, n: int, pct: bool = True) -> str:
     return f"{mean:.3f}" + (f" ± {sd:.3f}" if n > 1 else "")
 
 
+def _lift(m: dict[str, Any], ref: str) -> str:
+    c = m.get("lift_vs", {}).get(ref)
+    return "—" if not c else f"{c['points']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
+
+
+def _benchmark_md(b: dict[str, Any]) -> list[str]:
+    if not b:
+        return []
+    lines = ["", "## IFEval", "",
+             f"{b['prompts']} IFEval prompts (a fixed subset), greedy answers of at most "
+             f"{b['max_new_tokens']} tokens, the official checkers; accuracy in % (mean over "
+             "seeds); lifts of prompt-level strict accuracy, paired, with bootstrap 95% "
+             "intervals. " + b.get("tokenizer_note", ""), "",
+             "| method | prompt strict | prompt loose | instruction strict | instruction loose "
+             "| vs untrained | vs sft | vs sft-best |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in b["methods"].items():
+        lines.append(f"| {name} | {m['prompt_strict']:.1%} | {m['prompt_loose']:.1%} | "
+                     f"{m['inst_strict']:.1%} | {m['inst_loose']:.1%} | {_lift(m, 'none')} | "
+                     f"{_lift(m, 'sft')} | {_lift(m, 'sft-best')} |")
+    return lines
+
+
 def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
     cfg, env, suite = r["config"], r["environment"], r["suite"]
     seeds = r["options"]["seeds"]
@@ -105,21 +172,21 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
         f"the end {env['load_average_at_end'][0]} (1 min). {suite['train_prompts']} training "
         f"and {suite['heldout_prompts']} held-out prompts ({len(suite['families'])} families, "
         f"task seed {suite['task_seed']}); K = {cfg['sampling']['k']} candidates of at most "
-        f"{cfg['sampling']['max_new_tokens']} tokens; {cfg['train']['steps']} optimizer steps "
-        f"of {2 * cfg['train']['batch_size']} completion rows for every method; {seeds} "
+        f"{cfg['sampling']['max_new_tokens']} tokens; budget {suite.get('budget', {})} "
+        f"(optimizer steps; ~{2 * cfg['train']['batch_size']} completion rows each); {seeds} "
         f"seed(s), mean ± sample sd over seeds. Greedy held-out answers of at most "
         f"{r['sizes']['eval_max_new_tokens']} tokens. Total {r['seconds']:.0f} s.", "",
         "## Held-out pass rate by method", "",
-        "| method | what | pass rate | lift vs untrained (points) | mean quality | "
-        "train s | train peak RSS MB |", "|---|---|---|---|---|---|---|"]
+        "Lifts are paired differences over the held-out prompts (each prompt's pass averaged "
+        "over seeds) with a bootstrap 95% interval; an interval that contains 0 is no effect.",
+        "", "| method | what | pass rate | vs untrained (points) | vs sft | vs sft-best | "
+        "mean quality | train s |", "|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         n = m["n_seeds"]
-        lift = "—" if name == "none" else f"{m['lift_points_mean']:+.1f}" + (
-            f" (seeds {', '.join(f'{x:+.1f}' for x in m['lift_points_per_seed'])})"
-            if n > 1 else "")
         lines.append(f"| {name} | {m['about']} | {_pm(m['pass_rate_mean'], m['pass_rate_sd'], n)}"
-                     f" | {lift} | {_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
-                     f"{m['train_seconds_mean']:.0f} | {m['train_peak_rss_mb']:.0f} |")
+                     f" | {_lift(m, 'none')} | {_lift(m, 'sft')} | {_lift(m, 'sft-best')} | "
+                     f"{_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
+                     f"{m['train_seconds_mean']:.0f} |")
     lines += ["", f"Untrained student (greedy): pass rate {r['before']['pass_rate']:.1%}, mean "
               f"quality {r['before']['quality']:.3f}.", "",
               "## Ranker quality", "",
@@ -130,11 +197,14 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
               "| ranker | anchor | mean tau | prompts used / total | top-1 quality | mean quality "
               "| best quality |", "|---|---|---|---|---|---|---|"]
     for spec, k in r["rankers"].items():
+        ci = k.get("tau_ci")
         tau = "n/a" if k["mean_tau"] is None else _pm(k["mean_tau"], k["mean_tau_sd"], seeds,
-                                                        pct=False)
+                                                        pct=False) + (
+            f" [{ci['lo']:.3f}, {ci['hi']:.3f}]" if ci else "")
         lines.append(f"| {spec} | {'yes' if k['anchor'] else 'no'} | {tau} | "
                      f"{k['prompts_used']} / {k['prompts_total']} | {k['top1_quality']:.3f} | "
                      f"{k['mean_quality']:.3f} | {k['best_quality']:.3f} |")
+    lines += _benchmark_md(r.get("benchmark") or {})
     fams = list(r["before"]["by_family"])
     lines += ["", "## Pass rate by family (mean over seeds)", "",
               "| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]

@@ -3,20 +3,24 @@
     edge-pu eval [CONFIG.yaml] [--student PATH] [--methods pu-dpo,sft,...] [--seeds N]
                  [--out DIR] [--set section.key=value ...] [--quick] [--threads N]
 
-On the built-in task suite (edge_pu.tasks, split train / held-out by family), with the oracle
-teacher unless the config names another:
+On the built-in task suite (edge_pu.tasks: training, validation and held-out prompts, three
+disjoint sets), with the oracle teacher unless the config names another:
 1. anchors: one teacher call per training prompt, into DIR/anchors/ (every method's run dir
    imports them, so no method calls the teacher again);
-2. per seed: the untrained student samples K candidates per training prompt once
-   (DIR/seed-S/shared/candidates.jsonl); all methods train from these same candidates;
-3. ranker quality: every ranker scores them (DIR/seed-S/shared/scores-<ranker>.jsonl); Kendall
-   tau against the checker's quality per prompt (edge_pu.eval.ranking);
-4. methods (edge_pu.eval.methods): each starts from a re-initialised adapter, trains the same
-   number of steps on the same rows per step, and is scored greedily on the held-out prompts;
-   pipeline methods are ordinary `edge-pu run` dirs (DIR/seed-S/<method>/) whose candidates
-   and scores are pre-filled;
-5. teacher calls per prompt, counted from every teacher_ledger.jsonl under DIR;
-6. wall time and peak memory of every stage (edge_pu.eval.measure).
+2. per seed, one SFT trajectory on the anchors, checkpointed (DIR/seed-S/sft-path/,
+   edge_pu.eval.sft_path): `sft` is its N-step point, `sft-best` the checkpoint the validation
+   split picks, and every two-stage method starts from its N - pu_steps point;
+3. K candidates per training prompt from that SFT checkpoint (DIR/seed-S/shared-sft/; single-
+   stage methods: from the untrained student, DIR/seed-S/shared/), scored by every ranker;
+   Kendall tau against the checker's quality per prompt, with a bootstrap interval;
+4. methods (edge_pu.eval.methods) at one budget of optimizer steps, scored greedily on the
+   held-out prompts; pipeline methods are ordinary `edge-pu run` dirs (DIR/seed-S/<method>/)
+   with candidates, scores and (two-stage) the SFT stage pre-filled; every lift is a paired
+   difference over the held-out prompts with a bootstrap 95% interval (edge_pu.eval.stats);
+5. `--benchmark ifeval`: IFEval (edge_pu.eval.ifeval) for the untrained student, sft, sft-best
+   and the default, prompt- and instruction-level accuracy, strict and loose;
+6. teacher calls per prompt, counted from every teacher_ledger.jsonl under DIR;
+7. wall time and peak memory of every stage (edge_pu.eval.measure).
 Writes DIR/results.json, DIR/results.md and DIR/plots/*.png (edge_pu.eval.report).
 
 Rerunning the same command resumes: anchors, candidates, scores and finished methods
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,36 +41,44 @@ from ..anchors import AnchorStore
 from ..config import RunConfig, config_to_dict, load_config
 from ..data import Prompt, load_prompts
 from ..errors import EdgePuError
-from ..evaluate import greedy_answers, score
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
-from ..rank import RankItem
-from ..tasks import FAMILIES, Task, check, generate_tasks, split, to_jsonl_rows
+from ..tasks import FAMILIES, check, generate_tasks, split, to_jsonl_rows
 from ..teachers import make_teacher
 from ..train import plan_steps
-from .baselines import anchor_completion, spin_units, train_sft, train_spin
 from .measure import Stages
-from .methods import METHODS, QUICK_METHODS, Method, reset_adapter
-from .ranking import RANK_SPECS, score_items, summarize
+from .methods import DEFAULT_METHODS, METHODS, QUICK_METHODS, reset_adapter
+from .ranking import RANK_SPECS, summarize
+from .runners import (
+    Benchmark,
+    MethodContext,
+    cached_eval,
+    candidates_and_scores,
+    method_config,
+    run_method,
+    strip,
+)
 
-# The demo's student settings, with a fixed step budget shared by every method.
+__all__ = ["EvalOptions", "method_config", "run_eval", "teacher_calls"]
+
+# Sizes and the budget only: the method's hyperparameters are the library defaults
+# (edge_pu.config), the ones `edge-pu run` and the demo use. Budget: N = train.steps optimizer
+# steps for every method; two-stage methods spend N - pu_steps of them on SFT.
 EVAL_DEFAULTS: dict[str, Any] = {
     "teacher": {"kind": "oracle"},
-    "sampling": {"k": 4, "max_new_tokens": 40, "temperature": 1.0, "top_p": 0.95,
-                 "prompt_batch": 12},
-    "ranker": {"mode": "likelihood", "batch_size": 16},
-    "train": {"algorithm": "dpo", "steps": 12, "batch_size": 4, "micro_batch": 4,
-              "lr": 5e-4, "beta": 0.1, "tau": 0.5},
-    "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj"]},
+    "sampling": {"k": 8, "max_new_tokens": 40, "prompt_batch": 12},
+    "ranker": {"batch_size": 16},
+    "train": {"steps": 24, "batch_size": 4, "micro_batch": 4},
+    "sft": {"batch_size": 8, "micro_batch": 8},
     "backend": "cpu",
 }
-QUICK_DEFAULTS: dict[str, Any] = {"sampling": {"max_new_tokens": 8},
-                                  "train": {"steps": 2, "batch_size": 2, "micro_batch": 2}}
-# Sized so that every method on SmolLM2-135M with one seed takes ~20-30 min on 2 idle cores.
-SIZES = {"full": {"train_per_family": 4, "heldout_per_family": 6, "eval_max_new_tokens": 40,
-                  "eval_batch": 27},
-         "quick": {"train_per_family": 1, "heldout_per_family": 1, "eval_max_new_tokens": 8,
-                   "eval_batch": 9}}
+QUICK_DEFAULTS: dict[str, Any] = {"sampling": {"max_new_tokens": 8, "k": 4},
+                                  "train": {"steps": 2, "batch_size": 2, "micro_batch": 2},
+                                  "sft": {"batch_size": 2, "micro_batch": 2}}
+SIZES = {"full": {"train_per_family": 6, "validation_per_family": 5, "heldout_per_family": 20,
+                  "eval_max_new_tokens": 40, "eval_batch": 30, "pu_steps": 8},
+         "quick": {"train_per_family": 1, "validation_per_family": 1, "heldout_per_family": 1,
+                   "eval_max_new_tokens": 8, "eval_batch": 9, "pu_steps": 1}}
+IFEVAL_METHODS = ("none", "sft", "sft-best", "sft+pu-grpo-adv")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,11 @@ class EvalOptions:
     eval_max_new_tokens: int = 0
     threads: int = 0  # torch threads; 0 = cores minus the current load average, at least 1
     task_seed: int = 0
+    validation_per_family: int = 0
+    pu_steps: int = 0  # 0 = the mode's default (SIZES)
+    benchmark: str = ""  # "ifeval": also score IFEval_METHODS on IFEval
+    ifeval_prompts: int = 60
+    ifeval_max_new_tokens: int = 160
 
 
 def set_threads(n: int) -> int:
@@ -101,7 +117,8 @@ def set_threads(n: int) -> int:
 
 def _sizes(opts: EvalOptions) -> dict[str, int]:
     sizes = dict(SIZES["quick" if opts.quick else "full"])
-    for key in ("train_per_family", "heldout_per_family", "eval_max_new_tokens"):
+    for key in ("train_per_family", "heldout_per_family", "eval_max_new_tokens",
+                "validation_per_family", "pu_steps"):
         if getattr(opts, key) > 0:
             sizes[key] = getattr(opts, key)
     return sizes
@@ -133,20 +150,6 @@ def resolve_config(opts: EvalOptions, out: Path) -> RunConfig:
         out / "train_prompts.jsonl"), limit=0), run_dir=str(out))
 
 
-def method_config(cfg: RunConfig, m: Method, run_dir: Path) -> RunConfig:
-    """The method's run config: same steps and completion rows per step as every method."""
-    t, k = cfg.train, cfg.sampling.k
-    bs, mb = t.batch_size, t.micro_batch
-    if m.algorithm == "grpo" and m.kind == "pipeline":  # K rows per group vs 2 per pair
-        bs = max(1, 2 * t.batch_size // k)
-        mb = max(1, min(bs, 2 * t.micro_batch // k))
-    ranker = cfg.ranker
-    if m.ranker:
-        ranker = replace(ranker, mode=RANK_SPECS[m.ranker_spec(cfg.ranker.mode)][0])
-    return replace(cfg, run_dir=str(run_dir), ranker=ranker, train=replace(
-        t, algorithm=m.algorithm, grpo_variant=m.grpo_variant, batch_size=bs, micro_batch=mb))
-
-
 def _pick(names: tuple[str, ...], known: dict[str, Any], default: tuple[str, ...], what: str
           ) -> list[str]:
     picked = [n for name in names for n in name.split(",") if n] or list(default)
@@ -173,24 +176,35 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = _sizes(opts)
-    per_family = sizes["train_per_family"] + sizes["heldout_per_family"]
-    tasks = generate_tasks(len(FAMILIES) * per_family, seed=opts.task_seed)
-    train_tasks, heldout = split(tasks, heldout_fraction=sizes["heldout_per_family"] / per_family,
-                                 seed=opts.task_seed)
+    tr, va, ho = (sizes["train_per_family"], sizes["validation_per_family"],
+                  sizes["heldout_per_family"])
+    tasks = generate_tasks(len(FAMILIES) * (tr + va + ho), seed=opts.task_seed)
+    # Held-out first, then validation from the rest: three disjoint sets of distinct prompts.
+    rest, heldout = split(tasks, heldout_fraction=ho / (tr + va + ho), seed=opts.task_seed)
+    train_tasks, validation = split(rest, heldout_fraction=va / (tr + va),
+                                    seed=opts.task_seed + 1)
     write_jsonl_atomic(out / "tasks.jsonl", to_jsonl_rows(tasks))
     write_jsonl_atomic(out / "train_prompts.jsonl",
                        [{"id": t.id, "prompt": t.prompt} for t in train_tasks])
     cfg = resolve_config(opts, out)
     _check_fingerprint(out, cfg, sizes, opts.task_seed)
     methods = [METHODS[n] for n in _pick(opts.methods, METHODS, QUICK_METHODS if opts.quick
-                                         else tuple(METHODS), "method")]
+                                         else DEFAULT_METHODS, "method")]
+    n_total = cfg.train.steps
+    n_pu = min(sizes["pu_steps"], n_total - 1) if n_total > 1 else 1
+    n_sft = max(1, n_total - n_pu)
+    best_steps = sorted({max(1, n_total // 2), n_total, n_total * 3 // 2, 2 * n_total})
+    two = [m for m in methods if m.kind == "two"]
+    single = [m for m in methods if m.kind in ("pipeline", "spin")]
     rankers = _pick(opts.rankers, RANK_SPECS, tuple(RANK_SPECS), "ranker")
-    for m in methods:  # a method trains on its ranker's scores, so that ranker must run
+    for m in two + single:  # a method trains on its ranker's scores, so that ranker must run
         if m.ranker and m.ranker_spec(cfg.ranker.mode) not in rankers:
             rankers.append(m.ranker_spec(cfg.ranker.mode))
-    print(f"[eval] {len(train_tasks)} training and {len(heldout)} held-out prompts, methods "
-          f"{', '.join(m.name for m in methods)}, rankers {', '.join(rankers)}, {opts.seeds} "
-          f"seed(s), {threads} torch thread(s), out {out}", flush=True)
+    print(f"[eval] {len(train_tasks)} training, {len(validation)} validation and "
+          f"{len(heldout)} held-out prompts; budget {n_total} steps (two-stage: {n_sft} SFT + "
+          f"{n_pu} PU); methods {', '.join(m.name for m in methods)}; rankers "
+          f"{', '.join(rankers)}; {opts.seeds} seed(s), {threads} torch thread(s), out {out}",
+          flush=True)
 
     from ..backends import make_backend
 
@@ -201,49 +215,75 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     prompts = load_prompts(cfg.data.prompts)
     with stages.stage("anchors"):
         anchors = _anchors(cfg, prompts, out / "anchors")
+    bench = Benchmark(opts, out, stages, IFEVAL_METHODS)
     with stages.stage("eval:before") as info:
-        before = _cached_eval(out / "before.json", backend, heldout, sizes, adapter=False,
-                              info=info)
+        before = cached_eval(out / "before.json", backend, heldout, sizes, adapter=False,
+                             info=info, desc="before")
+    bench.run(backend, "none", None, adapter=False)
     task_of = {t.id: t for t in tasks}
+    prompt_ids = {p.id: backend.chat_ids([{"role": "user", "content": p.text}])
+                  for p in prompts if p.id in anchors}
     ranker_runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rankers}
     method_runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     for seed in range(opts.seeds):
         scfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed),
                        train=replace(cfg.train, seed=seed))
-        shared = out / f"seed-{seed}" / "shared"
-        reset_adapter(backend, scfg, seed)
-        with stages.stage("sample", seed=seed) as info:
-            from ..pipeline import sample_round
+        seed_dir = out / f"seed-{seed}"
+        path_root = seed_dir / "sft-path"
+        if any(m.kind in ("sft", "sft-best", "two") for m in methods):
+            from .sft_path import sft_path
 
-            info["cached"] = (shared / "candidates.jsonl").exists()
-            cands = sample_round(backend, scfg, prompts, set(anchors), shared, 1)
-        quality = {pid: [check(task_of[pid], c["text"].strip()) for c in cs]
-                   for pid, cs in cands.items()}
-        scores: dict[str, dict[str, list[float]]] = {}
-        for spec in rankers:
-            with stages.stage(f"rank:{spec}", seed=seed) as info:
-                info["cached"] = (shared / f"scores-{spec}.jsonl").exists()
-                scores[spec] = _cached_scores(shared / f"scores-{spec}.jsonl", backend, spec,
-                                              scfg, prompts, anchors, cands)
+            reset_adapter(backend, scfg, seed)
+            with stages.stage("sft-path", seed=seed) as info:
+                info["cached"] = (path_root / f"step-{2 * n_total}" / "COMPLETE").exists()
+                sft_path(backend, scfg, prompt_ids, anchors, path_root,
+                         [n_sft, *best_steps])
+        sets: dict[str, tuple[Path, dict[str, list[dict]], dict[str, dict[str, list[float]]]]]
+        sets = {}
+        for name, wanted in (("untrained", single), ("sft", two)):
+            if not wanted:
+                continue
+            shared = seed_dir / ("shared" if name == "untrained" else "shared-sft")
+            reset_adapter(backend, scfg, seed)
+            if name == "sft":  # candidates, ranking and judge all come from the SFT policy
+                from .sft_path import load_checkpoint
+
+                load_checkpoint(backend, path_root, n_sft)
+                backend.set_reference()
+            cands, scores = candidates_and_scores(backend, scfg, seed, shared, prompts,
+                                                  anchors, rankers, task_of, stages, name)
+            sets[name] = (shared, cands, scores)
+        primary = "sft" if "sft" in sets else "untrained"
+        if primary in sets:
+            _, cands, scores = sets[primary]
+            quality = {pid: [check(task_of[pid], c["text"].strip()) for c in cs]
+                       for pid, cs in cands.items()}
             pids = list(cands)
-            ranker_runs[spec].append({"seed": seed, **summarize(
-                [scores[spec][p] for p in pids], [quality[p] for p in pids])})
+            for spec in rankers:
+                ranker_runs[spec].append({"seed": seed, "candidates_from": primary,
+                                          **summarize([scores[spec][p] for p in pids],
+                                                      [quality[p] for p in pids])})
         for m in methods:
             if m.kind == "none":
-                method_runs[m.name].append({"seed": seed, **_strip(before)})
+                method_runs[m.name].append({"seed": seed, **strip(before)})
                 continue
-            res = _run_method(backend, m, scfg, seed, out, shared, cands, scores, anchors,
-                              prompts, heldout, sizes, stages)
-            method_runs[m.name].append(res)
+            ctx = MethodContext(backend, scfg, seed, out, sets, anchors, prompts, heldout,
+                                 validation, sizes, stages, path_root, n_sft, n_pu, n_total,
+                                 best_steps, bench)
+            method_runs[m.name].append(run_method(m, ctx))
     from .report import build_results, write_outputs
 
     results = build_results(
         opts=asdict(opts), sizes=sizes, cfg=config_to_dict(cfg), threads=threads,
         suite={"families": sorted(FAMILIES), "train_prompts": len(train_tasks),
-               "heldout_prompts": len(heldout), "task_seed": opts.task_seed},
-        before=_strip(before), methods=method_runs, rankers=ranker_runs,
+               "validation_prompts": len(validation), "heldout_prompts": len(heldout),
+               "task_seed": opts.task_seed,
+               "budget": {"steps": n_total, "sft_steps": n_sft, "pu_steps": n_pu,
+                          "sft_best_candidates": best_steps}},
+        before=strip(before), methods=method_runs, rankers=ranker_runs,
         teacher=teacher_calls(out, [p.id for p in prompts]), stages=stages.as_list(),
-        curves=_curves(out, [m.name for m in methods], opts.seeds), seconds=time.time() - t0)
+        curves=_curves(out, [m.name for m in methods], opts.seeds), seconds=time.time() - t0,
+        benchmark=bench.results())
     write_outputs(results, out)
     return results
 
@@ -281,95 +321,6 @@ def _anchors(cfg: RunConfig, prompts: list[Prompt], run_dir: Path) -> dict[str, 
         raise EdgePuError(f"{run_dir}: no training prompt got an anchor; see "
                           f"{run_dir / 'teacher_failures.jsonl'}.")
     return anchors
-
-
-def _strip(res: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in res.items() if k != "answers"}
-
-
-def _cached_eval(path: Path, backend: Any, heldout: list[Task], sizes: dict[str, int], *,
-                 adapter: bool, info: dict[str, Any], extra: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
-    if path.exists():
-        info["cached"] = True
-        return dict(json.loads(path.read_text()))
-    answers = greedy_answers(backend, heldout, adapter=adapter,
-                             max_new_tokens=sizes["eval_max_new_tokens"],
-                             batch=sizes["eval_batch"], desc="eval" if adapter else "before")
-    res = {**(extra or {}), **score(heldout, answers),
-           "answers": [{"id": t.id, "answer": a} for t, a in zip(heldout, answers, strict=True)]}
-    write_atomic(path, json.dumps(res, indent=1))
-    return res
-
-
-def _cached_scores(path: Path, backend: Any, spec: str, cfg: RunConfig, prompts: list[Prompt],
-                   anchors: dict[str, str], cands: dict[str, list[dict]]
-                   ) -> dict[str, list[float]]:
-    have = {r["prompt_id"]: r["scores"] for r in read_jsonl(path)}
-    if set(cands) <= set(have):
-        return {pid: have[pid] for pid in cands}
-    text = {p.id: p.text for p in prompts}
-    items = [RankItem(pid, text[pid], anchors[pid], [c["token_ids"] for c in cs],
-                      [c["text"] for c in cs]) for pid, cs in cands.items()]
-    got = score_items(backend, items, spec, cfg.ranker, cfg.sampling.k)
-    write_jsonl_atomic(path, [{"round": 1, "prompt_id": it.prompt_id, "mode": spec,
-                               "scores": s} for it, s in zip(items, got, strict=True)])
-    return {it.prompt_id: s for it, s in zip(items, got, strict=True)}
-
-
-def _run_method(backend: Any, m: Method, cfg: RunConfig, seed: int, out: Path, shared: Path,
-                cands: dict[str, list[dict]], scores: dict[str, dict[str, list[float]]],
-                anchors: dict[str, str], prompts: list[Prompt], heldout: list[Task],
-                sizes: dict[str, int], stages: Stages) -> dict[str, Any]:
-    run_dir = out / f"seed-{seed}" / m.name
-    done = run_dir / "eval.json"
-    if done.exists():
-        print(f"[eval] {m.name} seed {seed}: already scored ({done})", flush=True)
-        res = json.loads(done.read_text())
-        for rec in res.get("stages", []):
-            stages.add(rec, resumed=True)
-        return _strip(res)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished method starts over
-    run_dir.mkdir(parents=True)
-    mcfg = method_config(cfg, m, run_dir)
-    reset_adapter(backend, mcfg, seed)
-    print(f"[eval] {m.name} seed {seed}: training ({m.about})", flush=True)
-    prompt_ids = {p.id: backend.chat_ids([{"role": "user", "content": p.text}])
-                  for p in prompts if p.id in anchors}
-    diag: dict[str, Any] = {}
-    with stages.stage(f"train:{m.name}", seed=seed) as train_info:
-        if m.kind == "pipeline":
-            from ..pipeline import run
-
-            identity = make_teacher(cfg.teacher).identity
-            AnchorStore(run_dir).import_file(out / "anchors" / "anchors.jsonl", identity,
-                                             cfg.teacher)
-            shutil.copyfile(shared / "candidates.jsonl", run_dir / "candidates.jsonl")
-            spec = m.ranker_spec(cfg.ranker.mode)
-            write_jsonl_atomic(run_dir / "scores.jsonl", [
-                {"round": 1, "prompt_id": pid, "mode": spec, "scores": s}
-                for pid, s in scores[spec].items()])
-            result = run(mcfg, backend=backend)
-            diag = result.rounds[-1] if result.rounds else {}
-            shutil.rmtree(run_dir / "state", ignore_errors=True)
-        elif m.kind == "sft":
-            completions = {pid: anchor_completion(backend, a) for pid, a in anchors.items()}
-            rows = 2 * mcfg.train.batch_size
-            train_sft(backend, prompt_ids, completions, mcfg.train, rows_per_step=rows,
-                      micro_rows=2 * mcfg.train.micro_batch, run_dir=run_dir)
-        elif m.kind == "spin":
-            completions = {pid: anchor_completion(backend, a) for pid, a in anchors.items()}
-            rejected = {pid: cs[0]["token_ids"] for pid, cs in cands.items()}
-            units = spin_units(prompt_ids, completions, rejected)
-            train_spin(backend, units, mcfg.train, run_dir=run_dir,
-                       ref_batch=mcfg.ranker.batch_size)
-        else:
-            raise EdgePuError(f"eval: method {m.name} has unknown kind {m.kind!r}")
-        train_info["steps"] = mcfg.train.steps
-    with stages.stage(f"eval:{m.name}", seed=seed) as info:
-        res = _cached_eval(done, backend, heldout, sizes, adapter=True, info=info, extra={
-            "seed": seed, "train_diag": diag, "stages": stages.as_list()[-1:]})
-    return _strip(res)
 
 
 def teacher_calls(out: Path, prompt_ids: list[str]) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Stage 1 of `edge-pu run`: supervised fine-tuning of the LoRA on the anchors (METHOD.md).
+
+Input: the backend (a fresh adapter), the run config (`sft:` section), each anchored prompt's
+chat token ids and anchor text. Output: the SFT adapter, saved as `run_dir/state/sft/adapter`
+(the stage's resume point, written beside and renamed, `COMPLETE` last), one metrics line per
+optimizer step (`{"stage": "sft", ...}` in metrics.jsonl), and the backend left with
+the SFT policy as its reference (`backend.set_reference()`): the PU stage then measures its
+log-ratios against it, judges with it and samples round 1 from it. A rerun finds the state and
+loads it instead of training again; a run killed mid-stage redoes the stage from its start.
+
+The loss is the token-mean NLL of the anchor tokens (`sft_loss`), injected into
+`backend.train_step` like every other loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .algo.losses import LossConfig, LossInputs, LossOutput
+from .backends.base import TrainBatch
+from .config import RunConfig, TrainConfig
+from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
+
+
+def sft_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
+    """L = -(1 / sum mask) * sum_{i,t} mask_it * logp_it: mean NLL over every anchor token.
+
+    Token-mean (not sequence-mean), as supervised fine-tuning usually is: a long anchor weighs
+    more. `ref_token_logp` and the pair/group structure are ignored.
+    """
+    import torch
+
+    logp, mask = x.token_logp.float(), x.mask.float()
+    nll = -torch.where(mask > 0, logp, torch.zeros_like(logp)).sum() / mask.sum().clamp_min(1.0)
+    return LossOutput(loss=nll, metrics={"loss": float(nll.detach())})
+
+
+def anchor_completion(backend: Any, anchor: str) -> list[int]:
+    """The anchor's tokens as an assistant completion, ended by the student's EOS token."""
+    eos = getattr(backend, "eos_ids", None) or []
+    return backend.token_ids(anchor) + list(eos[:1])
+
+
+def sft_steps(cfg: RunConfig, n_anchors: int) -> int:
+    s = cfg.sft
+    return s.steps if s.steps > 0 else max(1, math.ceil(s.epochs * n_anchors / s.batch_size))
+
+
+def sft_train_config(cfg: RunConfig, n_anchors: int) -> TrainConfig:
+    """The optimizer settings of the SFT stage (its own lr, warmup and batch)."""
+    s = cfg.sft
+    return replace(cfg.train, lr=s.lr, warmup_steps=s.warmup_steps, batch_size=s.batch_size,
+                   micro_batch=s.micro_batch, steps=sft_steps(cfg, n_anchors))
+
+
+def sft_batches(prompt_ids: Sequence[list[int]], completions: Sequence[list[int]],
+                micro_rows: int) -> list[TrainBatch]:
+    rows = list(zip(prompt_ids, completions, strict=True))
+    micro = [rows[s: s + micro_rows] for s in range(0, len(rows), micro_rows)]
+    return [TrainBatch([p for p, _ in m], [c for _, c in m], [[0.0] * len(c) for _, c in m],
+                       weight=len(m) / len(rows)) for m in micro]
+
+
+def train_sft(backend: Any, prompt_ids: dict[str, list[int]], anchors: dict[str, list[int]],
+              cfg: TrainConfig, *, rows_per_step: int, micro_rows: int,
+              on_step: Callable[[dict], None] | None = None, start_step: int = 0,
+              stop_step: int = 0) -> int:
+    """Optimizer steps start_step..stop_step (default cfg.steps) over (prompt, anchor) rows,
+    shuffled per epoch by cfg.seed. The draw order depends only on (seed, step), so training
+    to step 8 and then on to 16 takes the same steps as training to 16 at once."""
+    ids = sorted(anchors)
+    rng = random.Random(cfg.seed * 1000 + 1)
+    steps = stop_step or max(1, cfg.steps)
+    order: list[str] = []
+    while len(order) < steps * rows_per_step:
+        perm = list(ids)
+        rng.shuffle(perm)
+        order += perm
+    for step in range(start_step, steps):
+        pick = order[step * rows_per_step: (step + 1) * rows_per_step]
+        batches = sft_batches([prompt_ids[p] for p in pick], [anchors[p] for p in pick],
+                              micro_rows)
+        metrics = backend.train_step(batches, sft_loss, LossConfig())
+        metrics.update(stage="sft", round=0, step=step + 1, steps=max(1, cfg.steps))
+        if on_step:
+            on_step(metrics)
+    return steps
+
+
+def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
+            anchors: dict[str, str], run_dir: Path) -> dict[str, Any]:
+    """Train (or resume) the SFT stage; returns its diagnostics. See the module docstring."""
+    state = run_dir / "state" / "sft"
+    mpath = run_dir / "metrics.jsonl"
+    if (state / "COMPLETE").exists():
+        backend.load_adapter(state / "adapter")
+        backend.set_reference()
+        backend.reset_optimizer(cfg.train)
+        done = [m for m in read_jsonl(mpath) if m.get("event") == "sft_end"]
+        print(f"[sft] already trained; resumed from {state}", flush=True)
+        return {k: v for k, v in (done[-1] if done else {}).items() if k != "event"}
+    kept = [m for m in read_jsonl(mpath) if m.get("stage") != "sft"
+            and m.get("event") != "sft_end"]
+    if mpath.exists() and len(kept) != len(read_jsonl(mpath)):
+        write_jsonl_atomic(mpath, kept)  # an interrupted attempt's steps are logged once
+    completions = {pid: anchor_completion(backend, a) for pid, a in anchors.items()}
+    tcfg = sft_train_config(cfg, len(completions))
+    backend.reset_optimizer(tcfg)
+    print(f"[sft] {tcfg.steps} steps of {tcfg.batch_size} anchors ({len(completions)} "
+          f"anchored prompts, lr {tcfg.lr:g})", flush=True)
+    losses: list[float] = []
+    bar = tqdm(total=tcfg.steps, desc="sft", unit="step")
+
+    def on_step(m: dict) -> None:
+        append_jsonl(mpath, [m])
+        losses.append(m["loss"])
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+        bar.update(1)
+
+    train_sft(backend, prompt_ids, completions, tcfg, rows_per_step=tcfg.batch_size,
+              micro_rows=tcfg.micro_batch, on_step=on_step)
+    bar.close()
+    tmp = state.with_name("sft.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backend.save_adapter(tmp / "adapter")
+    write_atomic(tmp / "COMPLETE", "ok\n")
+    shutil.rmtree(state, ignore_errors=True)
+    tmp.rename(state)
+    backend.set_reference()
+    backend.reset_optimizer(cfg.train)
+    diag = {"stage": "sft", "steps": tcfg.steps, "anchors": len(completions),
+            "loss_first": losses[0], "loss_last": losses[-1]}
+    append_jsonl(mpath, [{"event": "sft_end", **diag}])
+    print(f"[sft] done: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    return diag
