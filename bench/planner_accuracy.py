@@ -65,8 +65,8 @@ def case_config(case: dict[str, Any], model_dir: str) -> Any:
         "student": {"path": model_dir, "dtype": case["dtype"], "max_length": case["T"]},
         "sampling": {"max_new_tokens": case["C"]},
         "ranker": {"batch_size": 2 * case["mb"]},
-        "train": {"micro_batch": case["mb"], "batch_size": case["mb"],
-                  "gradient_checkpointing": case["gc"]},
+        "train": {"algorithm": "dpo", "micro_batch": case["mb"], "batch_size": case["mb"],
+                  "gradient_checkpointing": case["gc"]},  # the DPO step measured below
         "lora": {"r": 8, "target_modules": case["targets"]}})])
 
 

@@ -89,7 +89,7 @@ class SftConfig:
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 2.0
     batch_size: int = 8  # (prompt, anchor) rows per optimizer step
-    micro_batch: int = 8
+    micro_batch: int = 2  # rows per forward pass; anchors are up to teacher.max_tokens long
     lr: float = 5e-4
     warmup_steps: int = 2
 

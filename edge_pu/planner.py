@@ -180,8 +180,23 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     out.append(Stage("reference", (w, lora, hidden, ("max(layer, logits chunk)",
                                                      max(layer, chunk)))))
 
+    group = cfg.sampling.k + (1 if cfg.train.anchor == "positive" else 0)  # K + the anchor
     units = st.micro_batch
-    rows = units * (2 if cfg.train.algorithm == "dpo" else cfg.sampling.k)
+    rows = units * (2 if cfg.train.algorithm == "dpo" else group)
+    out.append(_train_stage("train", cfg, s, st, (w, lora), units, rows, C))
+    if cfg.sft.enabled:  # stage 1: micro_batch distinct prompts, each with its whole anchor
+        A = max(1, min(cfg.teacher.max_tokens + 1, T - 1))
+        out.append(_train_stage("sft", cfg, s, st, (w, lora), cfg.sft.micro_batch,
+                                cfg.sft.micro_batch, A))
+    return out
+
+
+def _train_stage(name: str, cfg: RunConfig, s: ModelShape, st: Settings,
+                 fixed: tuple[tuple[str, int], ...], units: int, rows: int, C: int) -> Stage:
+    """One optimizer step's peak: `units` prompts (each run once) and `rows` completions of
+    up to C tokens."""
+    e, T = elem_bytes(cfg.student.dtype), st.max_length
+    h, i, L = s.hidden, s.intermediate, s.layers
     per_layer = saved_per_token_layer(s, cfg.lora.target_modules, cfg.lora.r, e, T)
     head = rows * T * 4 * h + rows * C * h * e  # final norm input; completion hidden states
     logits = LOGIT_COPIES * 4 * _logit_rows(s, rows * C) * s.vocab
@@ -200,8 +215,7 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
                 shared_prefix_activations(s, cfg.lora.target_modules, cfg.lora.r, e, units,
                                           rows, T - C, C))
         trans = ("backward transient", max(logits, grads))
-    out.append(Stage("train", (w, lora, acts, trans)))
-    return out
+    return Stage(name, (*fixed, acts, trans))
 
 
 def _load_transient(cfg: RunConfig, s: ModelShape) -> int:

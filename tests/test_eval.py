@@ -121,8 +121,8 @@ def test_reset_adapter_restores_the_untrained_policy(tiny_llama_dir: Path) -> No
     from edge_pu.algo.losses import LossConfig
     from edge_pu.backends import make_backend
     from edge_pu.config import load_config
-    from edge_pu.sft import sft_batches, sft_loss
     from edge_pu.eval.methods import reset_adapter
+    from edge_pu.sft import sft_batches, sft_loss
 
     cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu",
                                   "train": {"lr": 0.05}})
