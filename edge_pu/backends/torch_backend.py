@@ -94,6 +94,10 @@ class TorchBackend:
         if self.tok.chat_template is None:
             raise EdgePuError(f"student.path {cfg.student.path}: the tokenizer has no chat "
                               "template; edge_pu needs an instruct/chat student.")
+        if self.quant_format == "nf4":
+            from ..quant.nf4 import exact_cpu_compute
+
+            exact_cpu_compute(base)  # fp32 on CPU, as the merge's dequantized base computes
         base.to(self.device)
         if cfg.train.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant":

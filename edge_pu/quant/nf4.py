@@ -11,13 +11,39 @@ Layers bitsandbytes leaves dense (embeddings, norms, the LM head) are copied unc
 NF4 quantization is elementwise given each block's absmax, so the CPU and CUDA kernels give the
 same codes; training on CUDA computed with the dequantized weight in bf16, which differs from
 this fp32 copy by bf16 rounding only.
+
+`exact_cpu_compute(model)` keeps a 4-bit model on CPU computing x @ dequantize(W).T in its
+compute dtype, so that this copy reproduces it (see there why bitsandbytes would not).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .student import cache_root, publish_model, weights_tag
+
+
+def exact_cpu_compute(model: Any) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 inference path in every 4-bit layer of `model`;
+    returns how many layers it touched (0 on a model without them).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight at its first
+    forward in eval mode without grad, and from then on runs every forward, training included,
+    through `gemv_4bit`, which casts the input and the absmax to bf16 whatever the compute dtype.
+    The log-probs then differ from the dequantized fp32 base (0.08 nat on the tiny test model),
+    so merges are not exact; and `gemv_4bit` has no autograd kernel, so no gradient flows
+    through a repacked base layer to the adapters before it. Whether it happens depends on the
+    CPU, not on edge_pu. FIXME: relies on bitsandbytes' `support_avx512bf16_for_cpu`
+    attribute; if it is renamed, the nf4 parity test in tests/test_backend_contract.py fails
+    on such a CPU.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def nf4_base_dir(student_dir: str | Path) -> Path:
