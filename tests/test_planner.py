@@ -242,3 +242,24 @@ def test_allocator_is_fast_only_with_headroom(tmp_path: Path,
     missing = cfg_of(student={"path": str(tmp_path / "nowhere")})
     monkeypatch.delenv("EDGE_PU_MMAP_THRESHOLD")
     assert cpu_allocator_threshold(missing) == TIGHT_MMAP_THRESHOLD
+
+
+def test_sft_stage_and_the_anchor_row_are_planned() -> None:
+    """The two-stage default adds an `sft` step (sft.micro_batch anchors of up to
+    teacher.max_tokens + EOS); it grows with that micro-batch and vanishes with
+    sft.enabled: false. GRPO with the anchor as positive trains K + 1 rows a group, so its
+    step needs more than the same config without the anchor."""
+    from edge_pu.planner import Settings, _model_shape, stages
+
+    shape = _model_shape(QWEN05)
+    st = Settings(512, 1, False, 8, 4)
+
+    def by_name(**sections: dict) -> dict[str, int]:
+        sections.setdefault("train", {"algorithm": "grpo"})
+        cfg = cfg_of(sampling={"k": 4}, **sections)
+        return {s.name: s.total for s in stages(cfg, shape, st)}
+
+    two = by_name(sft={"micro_batch": 2})
+    assert "sft" in two and "sft" not in by_name(sft={"enabled": False})
+    assert by_name(sft={"micro_batch": 4})["sft"] > two["sft"]
+    assert two["train"] > by_name(train={"algorithm": "grpo", "anchor": "none"})["train"]
