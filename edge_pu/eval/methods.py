@@ -14,6 +14,7 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | none                 | none     | no training (the untrained student)                            |
 | sft                  | sft      | NLL of the anchors, N steps                                    |
 | sft-best             | sft-best | NLL of the anchors, steps chosen on the validation split       |
+| sft-stage1           | sft-stage1 | NLL of the anchors, N - pu_steps steps: the two-stage start  |
 | sft+pu-grpo-adv      | two      | SFT, then LDL-GRPO `advantage` on anchor-conditioned           |
 |                      |          | self-ranking (ranker.mode): the library default                |
 | sft+pu-dpo           | two      | SFT, then DPO on the same ranking                              |
@@ -68,6 +69,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("grpo-random", "pipeline", "grpo", "advantage", ranker="random",
            about="LDL-GRPO (advantage) on random scores"),
     Method("sft-best", "sft-best", about="SFT, steps chosen on the validation split"),
+    Method("sft-stage1", "sft-stage1",
+           about="SFT for N - pu_steps steps: where the two-stage methods start"),
     Method("sft+pu-grpo-adv", "two", "grpo", "advantage", ranker="{mode}",
            about="SFT, then PU self-ranking + LDL-GRPO (advantage): the default"),
     Method("sft+pu-dpo", "two", "dpo", ranker="{mode}", about="SFT, then PU + DPO"),
@@ -91,7 +94,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            train=(("advantage_norm", "group"),), about="default, per-group advantage std"),
 )}
 QUICK_METHODS = ("sft", "sft+pu-grpo-adv")
-DEFAULT_METHODS = ("none", "sft", "sft-best", "sft+pu-grpo-adv", "sft+pu-dpo",
+DEFAULT_METHODS = ("none", "sft", "sft-best", "sft-stage1", "sft+pu-grpo-adv", "sft+pu-dpo",
                    "sft+pu-grpo-dist", "sft+oracle", "sft+random", "sft+similarity",
                    "sft+bleu", "sft+pu:no-anchor", "sft+pu:keep-unfinished", "sft+pu:zscore",
                    "sft+pu:group-adv")

@@ -55,7 +55,8 @@ def build_results(*, opts: dict[str, Any], sizes: dict[str, int], cfg: dict[str,
 
     per_method = {name: passes(runs) for name, runs in methods.items()}
     base = {"none": [float(x) for x in before.get("passes", [])],
-            "sft": per_method.get("sft", []), "sft-best": per_method.get("sft-best", [])}
+            "sft": per_method.get("sft", []), "sft-best": per_method.get("sft-best", []),
+            "sft-stage1": per_method.get("sft-stage1", [])}
 
     out_methods: dict[str, Any] = {}
     for name, runs in methods.items():
@@ -180,11 +181,12 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
         "Lifts are paired differences over the held-out prompts (each prompt's pass averaged "
         "over seeds) with a bootstrap 95% interval; an interval that contains 0 is no effect.",
         "", "| method | what | pass rate | vs untrained (points) | vs sft | vs sft-best | "
-        "mean quality | train s |", "|---|---|---|---|---|---|---|---|"]
+        "vs its SFT start | mean quality | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         n = m["n_seeds"]
         lines.append(f"| {name} | {m['about']} | {_pm(m['pass_rate_mean'], m['pass_rate_sd'], n)}"
                      f" | {_lift(m, 'none')} | {_lift(m, 'sft')} | {_lift(m, 'sft-best')} | "
+                     f"{_lift(m, 'sft-stage1') if name.startswith('sft+') else '—'} | "
                      f"{_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
                      f"{m['train_seconds_mean']:.0f} |")
     lines += ["", f"Untrained student (greedy): pass rate {r['before']['pass_rate']:.1%}, mean "

@@ -173,9 +173,10 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
             diag = result.rounds[-1] if result.rounds else {}
             shutil.rmtree(run_dir / "state", ignore_errors=True)
             backend.save_adapter(run_dir / "adapter")
-        elif m.kind == "sft":
-            load_checkpoint(backend, ctx.path_root, ctx.n_total)
-            train_info["steps"] = ctx.n_total
+        elif m.kind in ("sft", "sft-stage1"):
+            steps = ctx.n_total if m.kind == "sft" else ctx.n_sft
+            load_checkpoint(backend, ctx.path_root, steps)
+            train_info["steps"] = steps
         elif m.kind == "sft-best":
             extra["validation"] = _pick_best_sft(ctx)
             load_checkpoint(backend, ctx.path_root, extra["validation"]["best_steps"])
@@ -203,8 +204,9 @@ def _restore(m: Method, ctx: MethodContext, run_dir: Path) -> None:
     """Put a scored method's adapter back (for a benchmark asked for after it was scored)."""
     from .sft_path import load_checkpoint
 
-    if m.kind == "sft":
-        load_checkpoint(ctx.backend, ctx.path_root, ctx.n_total)
+    if m.kind in ("sft", "sft-stage1"):
+        load_checkpoint(ctx.backend, ctx.path_root,
+                        ctx.n_total if m.kind == "sft" else ctx.n_sft)
     elif m.kind == "sft-best":
         best = json.loads((run_dir / "eval.json").read_text())["validation"]["best_steps"]
         load_checkpoint(ctx.backend, ctx.path_root, best)
@@ -213,20 +215,23 @@ def _restore(m: Method, ctx: MethodContext, run_dir: Path) -> None:
 
 
 def _pick_best_sft(ctx: MethodContext) -> dict[str, Any]:
-    """Validation pass rate at each SFT checkpoint; the best (fewest steps on ties)."""
+    """Validation pass rate at each SFT checkpoint; the best, ties broken by mean checker
+    quality (partial credit: on 45 prompts pass rates often tie), then by fewer steps."""
     from .sft_path import checkpoint_dir, load_checkpoint
 
     rates: dict[int, float] = {}
+    quality: dict[int, float] = {}
     for steps in ctx.best_steps:
         load_checkpoint(ctx.backend, ctx.path_root, steps)
         res = cached_eval(checkpoint_dir(ctx.path_root, steps) / "validation.json",
                           ctx.backend, ctx.validation, ctx.sizes, adapter=True, info={},
                           desc=f"validation {steps}")
-        rates[steps] = res["pass_rate"]
-    best = max(ctx.best_steps, key=lambda s: (rates[s], -s))
+        rates[steps], quality[steps] = res["pass_rate"], res["quality"]
+    best = max(ctx.best_steps, key=lambda s: (rates[s], quality[s], -s))
     print(f"[eval] sft-best seed {ctx.seed}: validation pass rate by steps "
           f"{ {s: round(r, 3) for s, r in rates.items()} } -> {best} steps", flush=True)
-    return {"pass_rate_by_steps": {str(s): r for s, r in rates.items()}, "best_steps": best}
+    return {"pass_rate_by_steps": {str(s): r for s, r in rates.items()},
+            "quality_by_steps": {str(s): q for s, q in quality.items()}, "best_steps": best}
 
 
 class Benchmark:

@@ -230,7 +230,7 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
                        train=replace(cfg.train, seed=seed))
         seed_dir = out / f"seed-{seed}"
         path_root = seed_dir / "sft-path"
-        if any(m.kind in ("sft", "sft-best", "two") for m in methods):
+        if any(m.kind in ("sft", "sft-best", "sft-stage1", "two") for m in methods):
             from .sft_path import sft_path
 
             reset_adapter(backend, scfg, seed)
