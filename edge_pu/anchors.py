@@ -5,7 +5,8 @@ Files in the run dir:
   arrives: {"key", "id", "prompt", "anchor", "teacher"} (+ "truncated": true when the teacher
   stopped at teacher.max_tokens). The key is a hash of (teacher identity, prompt, generation
   settings), so a rerun, a restart or another run dir that imports these anchors makes no new
-  call for a prompt it already has.
+  call for a prompt it already has. A key found twice (two writers at once, before run dirs
+  were locked: edge_pu.lock) counts once, with its first answer.
 - `teacher_requests.jsonl`: one line per request (retries included), {"req", "key", "id",
   "attempt", "reserved_tokens", "time"}, fsynced BEFORE the request goes out, so a request cut
   short by a crash still counts. It is what `teacher.max_calls` and `teacher.token_budget` are
@@ -50,6 +51,7 @@ from .config import TeacherConfig
 from .data import Prompt
 from .errors import EdgePuError
 from .jsonl import append_jsonl, iter_jsonl, read_jsonl, write_jsonl_atomic
+from .lock import holds
 from .teachers.base import Teacher, TeacherError, generation_settings
 
 MAX_WAIT_S = 300.0  # longest single wait between tries, a server's Retry-After included
@@ -103,7 +105,29 @@ class AnchorStore:
         self.sent = self.dir / "teacher_requests.jsonl"
         self.ledger = self.dir / "teacher_ledger.jsonl"
         self.failures = self.dir / "teacher_failures.jsonl"
-        self.by_key: dict[str, dict[str, Any]] = {r["key"]: r for r in read_jsonl(self.path)}
+        self.by_key: dict[str, dict[str, Any]] = {}
+        dropped = 0
+        for rec in read_jsonl(self.path):
+            if rec["key"] in self.by_key:
+                dropped += 1
+            else:
+                self.by_key[rec["key"]] = rec
+        if dropped:
+            self._heal(dropped)
+
+    def _heal(self, dropped: int) -> None:
+        """Duplicated keys (two writers at once, before run dirs were locked): keep the first.
+
+        The file is rewritten without them only by a process that holds the run dir's lock;
+        any other reader just ignores them, since a writer may be appending right now.
+        """
+        if holds(self.dir):
+            write_jsonl_atomic(self.path, self.by_key.values())
+            print(f"[anchors] {self.path}: removed {dropped} duplicate anchors (kept the first "
+                  "answer per prompt; no teacher call is made for them)", flush=True)
+        else:
+            print(f"[anchors] {self.path}: ignoring {dropped} duplicate anchors (kept the first "
+                  "answer per prompt)", flush=True)
 
     # ---- the ledger ------------------------------------------------------------------------
     def _spent(self) -> _Spent:

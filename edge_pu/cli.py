@@ -3,14 +3,21 @@
 
 Every user error (EdgePuError) prints as one paragraph naming the culprit and exits non-zero;
 there is no traceback for those.
+
+Every command that writes a run dir (run, anchors, demo, eval's --out, export) holds its lock
+(edge_pu.lock) for as long as it runs, taken before anything is written; a second writer exits
+with code 3 naming the holder, or queues behind it with --wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from .errors import EdgePuError
 
@@ -21,12 +28,30 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing the run dir, wait for it instead of "
+                        "exiting")
+
+
+@contextmanager
+def _locked(run_dir: str | Path, args: argparse.Namespace, *,
+            create: bool = True) -> Iterator[Path]:
+    """The run dir's lock, for a command that writes it (edge_pu.lock)."""
+    from .lock import run_dir_lock
+
+    with run_dir_lock(run_dir, wait=args.wait, command=args.command_line,
+                      create=create) as path:
+        yield path
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .pipeline import run
 
     cfg = load_config(args.config, args.overrides)
-    run(cfg, restart=args.restart)
+    with _locked(cfg.run_dir, args):
+        run(cfg, restart=args.restart)
     return 0
 
 
@@ -38,26 +63,29 @@ def cmd_anchors(args: argparse.Namespace) -> int:
     from .teachers import make_teacher
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = prepare_run_dir(cfg)
-    store = AnchorStore(run_dir)
-    if args.import_path:
-        added = store.import_file(args.import_path, make_teacher(cfg.teacher).identity,
-                                  cfg.teacher)
-        print(f"[anchors] imported {added} new anchors from {args.import_path}")
-    if args.export_path:
-        print(f"[anchors] exported {store.export(args.export_path)} anchors to "
-              f"{args.export_path}")
-    if not (args.import_path or args.export_path):
-        report = run_anchors(cfg, load_prompts(cfg.data.prompts, limit=cfg.data.limit), run_dir)
-        return 1 if report.failed else 0
+    with _locked(cfg.run_dir, args):
+        run_dir = prepare_run_dir(cfg)
+        store = AnchorStore(run_dir)
+        if args.import_path:
+            added = store.import_file(args.import_path, make_teacher(cfg.teacher).identity,
+                                      cfg.teacher)
+            print(f"[anchors] imported {added} new anchors from {args.import_path}")
+        if args.export_path:
+            print(f"[anchors] exported {store.export(args.export_path)} anchors to "
+                  f"{args.export_path}")
+        if not (args.import_path or args.export_path):
+            report = run_anchors(cfg, load_prompts(cfg.data.prompts, limit=cfg.data.limit),
+                                 run_dir)
+            return 1 if report.failed else 0
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
-             overrides=args.overrides, export=args.export, restart=args.restart)
+    with _locked(args.run_dir, args):
+        run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
+                 overrides=args.overrides, export=args.export, restart=args.restart)
     return 0
 
 
@@ -70,8 +98,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export_stage import export_run
 
-    for fmt in args.format:
-        export_run(args.run_dir, fmt, quant=args.quant, force=args.force)
+    with _locked(args.run_dir, args, create=False):  # a missing run dir is not made
+        for fmt in args.format:
+            export_run(args.run_dir, fmt, quant=args.quant, force=args.force)
     return 0
 
 
@@ -83,6 +112,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    with _locked(args.out, args):  # before importing torch: a refusal is instant
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     from .eval import EvalOptions, run_eval
 
     results = run_eval(EvalOptions(
@@ -103,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--restart", action="store_true",
                    help="keep the anchors, redo sampling, ranking and training")
+    _add_wait_arg(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("anchors", help="ask the teacher once per prompt; import/export anchors")
     _add_config_args(p)
     p.add_argument("--export", dest="export_path", help="write the anchors to this JSONL")
     p.add_argument("--import", dest="import_path", help="add anchors from this JSONL")
+    _add_wait_arg(p)
     p.set_defaults(func=cmd_anchors)
     p = sub.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M-Instruct")
     p.add_argument("--algorithm", default="grpo", choices=["dpo", "grpo"],
@@ -120,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--export", action="store_true",
                    help="also export GGUF q8_0 and ONNX, gated on the held-out prompts")
+    _add_wait_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predicted peak memory per stage; settings that fit")
     _add_config_args(p)
@@ -131,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["hf", "gguf", "lora-gguf", "onnx"], help="repeatable")
     p.add_argument("--quant", default=None, help="GGUF type, e.g. q8_0, q4_0, f16, q4_k_m")
     p.add_argument("--force", action="store_true", help="redo a format already verified")
+    _add_wait_arg(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("doctor", help="backends, versions, devices, memory")
     p.set_defaults(func=cmd_doctor)
@@ -155,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ifeval-prompts", type=int, default=60)
     p.add_argument("--ifeval-max-new-tokens", type=int, default=160)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_wait_arg(p)
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -172,7 +211,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["edge-pu", *argv])  # what a refused writer is told
     log = logging.getLogger("edge_pu")  # stage progress of modules that log (export)
     if not log.handlers:
         handler = _StderrHandler()
