@@ -145,7 +145,7 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
             stages.add(rec, resumed=True)
         if ctx.bench.wants(m.name, seed):  # scored before the benchmark was asked for
             _restore(m, ctx, run_dir)
-            ctx.bench.run(backend, m.name, seed, adapter=True)
+        ctx.bench.run(backend, m.name, seed, adapter=True)  # from its cache when it has one
         return strip(res)
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished method starts over
     run_dir.mkdir(parents=True)
