@@ -26,7 +26,8 @@ from .errors import EdgePuError
 
 @dataclass(frozen=True)
 class StudentConfig:
-    path: str = ""  # HF model dir, or a .gguf file (dequantized once, cached)
+    path: str = ""  # HF model dir, a .gguf file (dequantized once, cached), or a model
+    # name `edge-pu fetch` knows (qwen-0.5b, ...): its verified file in the cache
     dtype: str = "float32"  # float32 | bfloat16 (compute dtype of the trained weights)
     quant: str = "none"  # none | nf4 (bitsandbytes) | mlx-affine-4 ; GGUF inputs add gguf:<type>
     trust_remote_code: bool = False
@@ -55,8 +56,12 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = ""  # JSONL: {"prompt": str, "id"?: str}
+    # JSONL, JSON (array), CSV, Parquet or a datasets save_to_disk folder (edge_pu.data)
+    prompts: str = ""
     limit: int = 0  # 0 = all prompts
+    format: str = "auto"  # auto (by the name) | jsonl | json | csv | parquet | datasets
+    prompt_field: str = "prompt"  # the field holding a prompt string ("messages" is also read)
+    system_prompt: str = ""  # put first in every conversation that has no system turn
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RankerConfig:
-    mode: str = "likelihood"  # likelihood | judge | similarity | random
+    mode: str = "likelihood"  # likelihood | recall | judge | similarity | bleu | random
     judge: str = "initial"  # initial (frozen starting student) | current (the policy)
     judge_style: str = "yesno"  # yesno | rating
     batch_size: int = 8
@@ -164,12 +169,13 @@ class RunConfig:
 EXPORT_FORMATS = ("hf", "gguf", "lora-gguf", "onnx")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("openai", "hf", "gguf", "file", "oracle"),
-    "ranker.mode": ("likelihood", "judge", "similarity", "bleu", "random"),
+    "ranker.mode": ("likelihood", "recall", "judge", "similarity", "bleu", "random"),
     "ranker.judge": ("initial", "current"),
     "ranker.judge_style": ("yesno", "rating"),
     "train.algorithm": ("dpo", "grpo"),
     "train.grpo_variant": ("advantage", "distribution"),
     "sampling.engine": ("backend", "llama-cpp"),
+    "data.format": ("auto", "jsonl", "json", "csv", "parquet", "datasets"),
     "train.pair_strategy": ("best-worst", "all"),
     "train.length_norm": ("sequence", "token"),
     "train.calibration": ("pooled", "zscore", "rank", "none"),
@@ -371,7 +377,18 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> RunConfig:
         merged = _merge(merged, data)
     cfg = _build(RunConfig, merged, "", "config")
     validate(cfg)
-    return cfg
+    return _resolve_model_names(cfg)
+
+
+def _resolve_model_names(cfg: RunConfig) -> RunConfig:
+    """`student.path: qwen-0.5b` (a model `edge-pu fetch` knows) -> its verified cached file."""
+    from .fetch import resolve_model_name
+
+    student = resolve_model_name(cfg.student.path, "student.path")
+    teacher = (resolve_model_name(cfg.teacher.path, "teacher.path")
+               if cfg.teacher.kind == "gguf" else cfg.teacher.path)
+    return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, path=student),
+                               teacher=dataclasses.replace(cfg.teacher, path=teacher))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -7,6 +7,12 @@ Modes (METHOD.md), selected by name from `RANKERS`:
   candidate, answers "Is the candidate as good as the reference?"; s_i = log p(Yes) - log p(No)
   (style `yesno`) or the expected 1-9 rating over the digit tokens (style `rating`). Pointwise,
   so there is no position bias.
+- `recall`: how well a candidate lets the student predict the anchor: s_i = mean-token
+  log pi(anchor | x, y_i shown as a draft). The student's own copy of a reference answer as a
+  soft, model-based similarity (a small student copies what it is shown far better than it
+  judges); one scoring pass per candidate. The anchor-only term log pi(anchor | x) would be
+  the same for every candidate of a prompt, so it is left out (it cancels in any within-group
+  calibration).
 - `similarity` (chrF to the anchor), `bleu` (sentence BLEU to the anchor) and `random`:
   baselines that are not self-ranking.
 With `use_anchor=False`, likelihood and judge drop the reference (the "self-judging without the
@@ -25,20 +31,31 @@ from dataclasses import dataclass
 from .algo.rank_metrics import bleu, chrf
 from .backends.base import Backend
 from .config import RankerConfig
+from .data import Prompt, prompt_ids
 
 
 @dataclass(frozen=True)
 class RankItem:
     prompt_id: str
-    prompt: str
+    prompt: Prompt | str  # a string is one user turn
     anchor: str
     candidates: list[list[int]]  # completion token ids
     texts: list[str]
+
+    @property
+    def chat(self) -> Prompt:
+        return self.prompt if isinstance(self.prompt, Prompt) else Prompt(self.prompt_id,
+                                                                           self.prompt)
 
 
 def reference_prompt(prompt: str, anchor: str) -> str:
     return (f"{prompt}\n\nHere is a high-quality reference answer:\n{anchor}\n\n"
             "Now give your own answer to the request above.")
+
+
+def draft_prompt(prompt: str, candidate: str) -> str:
+    return (f"{prompt}\n\nHere is a draft answer:\n{candidate}\n\n"
+            "Now give the final answer to the request above.")
 
 
 def judge_prompt(prompt: str, anchor: str | None, candidate: str, style: str) -> str:
@@ -63,9 +80,10 @@ def likelihood_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerCo
     adapter = cfg.judge == "current"
     rows: list[tuple[list[int], list[int], list[int]]] = []  # plain prompt, anchored, completion
     for it in items:
-        plain = backend.chat_ids([{"role": "user", "content": it.prompt}])
-        shown = backend.chat_ids([{"role": "user",
-                                   "content": reference_prompt(it.prompt, it.anchor)}])
+        # The anchor is shown inside the last user turn; earlier turns stay as they are.
+        plain = prompt_ids(backend, it.chat)
+        shown = prompt_ids(backend, it.chat,
+                           last_user=reference_prompt(it.chat.last_user, it.anchor))
         rows += [(plain, shown, c if c else [backend.token_ids(" ")[0]]) for c in it.candidates]
     flat: list[float] = []
     for b in _batches(len(rows), cfg.batch_size):
@@ -79,13 +97,34 @@ def likelihood_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerCo
     return _regroup(flat, items)
 
 
+def recall_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                  use_anchor: bool = True) -> list[list[float]]:
+    if not use_anchor:  # without the anchor there is nothing to recall: plain likelihood
+        return likelihood_scores(backend, items, cfg, use_anchor=False)
+    from .sft import anchor_completion  # the anchor as SFT trains it: its tokens, then EOS
+
+    adapter = cfg.judge == "current"
+    rows: list[tuple[list[int], list[int]]] = []  # prompt with the draft shown, anchor ids
+    for it in items:
+        anchor = anchor_completion(backend, it.anchor)
+        rows += [(backend.chat_ids([{"role": "user", "content": draft_prompt(it.prompt, t)}]),
+                  anchor) for t in it.texts]
+    flat: list[float] = []
+    for b in _batches(len(rows), cfg.batch_size):
+        lps = backend.logprobs([rows[i][0] for i in b], [rows[i][1] for i in b],
+                               adapter=adapter)
+        flat += [_mean(lp) for lp in lps]
+    return _regroup(flat, items)
+
+
 def judge_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
                  use_anchor: bool = True) -> list[list[float]]:
     adapter = cfg.judge == "current"
     words = ["Yes", "No"] if cfg.judge_style == "yesno" else [str(d) for d in range(1, 10)]
     token = [backend.token_ids(w)[0] for w in words]
-    prompts = [backend.chat_ids([{"role": "user", "content": judge_prompt(
-        it.prompt, it.anchor if use_anchor else None, text, cfg.judge_style)}])
+    # The judge reads the whole conversation (Prompt.text) as the instruction, in one turn.
+    prompts = [prompt_ids(backend, judge_prompt(
+        it.chat.text, it.anchor if use_anchor else None, text, cfg.judge_style))
         for it in items for text in it.texts]
     flat: list[float] = []
     for b in _batches(len(prompts), cfg.batch_size):
@@ -134,6 +173,7 @@ Ranker = Callable[..., list[list[float]]]
 RANKERS: dict[str, Ranker] = {
     "likelihood": likelihood_scores,
     "judge": judge_scores,
+    "recall": recall_scores,
     "similarity": similarity_scores,
     "bleu": bleu_scores,
     "random": random_scores,

@@ -115,6 +115,27 @@ def test_every_method_gets_the_same_rows_per_step() -> None:
     assert method_config(cfg, METHODS["sft+pu:zscore"], Path("x")).train.calibration == "zscore"
 
 
+def test_a_method_variant_sets_train_keys_for_that_method_only() -> None:
+    """`sft+oracle@lr=5e-4@tau=1` is sft+oracle with train.lr 5e-4 and train.tau 1 (an int
+    parsed as a number); unknown keys and non-PU bases are refused naming the culprit."""
+    from edge_pu.config import load_config
+    from edge_pu.errors import EdgePuError
+    from edge_pu.eval.methods import METHODS, method_named
+    from edge_pu.eval.suite import method_config
+
+    m = method_named("sft+oracle@lr=5e-4@tau=1")
+    assert (m.name, m.kind, m.ranker) == ("sft+oracle@lr=5e-4@tau=1", "two", "oracle")
+    t = method_config(load_config(None), m, Path("x"), n_sft=3, n_pu=2).train
+    assert (t.lr, t.tau, t.steps) == (5e-4, 1, 2)
+    assert method_named("sft") is METHODS["sft"]
+    with pytest.raises(EdgePuError, match="lrr"):
+        method_named("sft+oracle@lrr=1")
+    with pytest.raises(EdgePuError, match="only PU methods"):
+        method_named("sft@lr=1e-3")
+    with pytest.raises(EdgePuError, match="unknown method nope"):
+        method_named("nope@lr=1")
+
+
 def test_reset_adapter_restores_the_untrained_policy(tiny_llama_dir: Path) -> None:
     """After an SFT step the policy differs from the reference; after reset_adapter the policy
     (adapter on) equals the reference (adapter off) again, and the optimizer is rebuilt."""

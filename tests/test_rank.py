@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_pu.config import RankerConfig, load_config
-from edge_pu.rank import RANKERS, RankItem, reference_prompt
+from edge_pu.rank import RANKERS, RankItem, draft_prompt, reference_prompt
 
 
 class TableBackend:
@@ -68,6 +68,23 @@ def test_likelihood_is_anchor_conditioned_gain_in_mean_token_logprob() -> None:
     assert not any(backend.adapter_calls)
 
 
+def test_recall_is_the_anchors_mean_token_logprob_with_the_candidate_shown() -> None:
+    """Anchor "A" (token 65) + EOS (token 3); candidates "ab" and "c".
+
+    s("ab") = mean(log pi("A", EOS | draft "ab")) = mean(-1, -3) = -2
+    s("c")  = mean(-0.5, -0.5) = -0.5: seeing "c" makes the anchor likelier, so "c" ranks first.
+    The plain log pi(anchor | x) is the same for both candidates and is not scored.
+    """
+    x, a = "x", "A"
+    backend = TableBackend({(draft_prompt(x, "ab"), "A\x03"): [-1.0, -3.0],
+                            (draft_prompt(x, "c"), "A\x03"): [-0.5, -0.5]})
+    backend.eos_ids = [3]
+    item = RankItem("p", x, a, [[ord("a"), ord("b")], [ord("c")]], ["ab", "c"])
+    cfg = RankerConfig(mode="recall", batch_size=1)
+    assert RANKERS["recall"](backend, [item], cfg) == [[-2.0, -0.5]]
+    assert not any(backend.adapter_calls)
+
+
 def test_judge_yesno_is_log_odds_and_rating_is_expected_digit() -> None:
     """yes/no: s = log p(Yes) - log p(No): log 0.6 - log 0.2 = log 3 = 1.0986.
     rating: p(1..9) ∝ (0.5 on "9", 0.5 on "1"), expected rating = 0.5*9 + 0.5*1 = 5.0.
@@ -109,7 +126,7 @@ def test_random_scores_are_seeded_by_prompt_id() -> None:
     assert first != RANKERS["random"](None, [b], RankerConfig())
 
 
-@pytest.mark.parametrize("mode", ["likelihood", "judge"])
+@pytest.mark.parametrize("mode", ["likelihood", "judge", "recall"])
 def test_rankers_on_a_real_tiny_model(tiny_llama_dir: Path, mode: str) -> None:
     """On a real model, scores are finite, per-candidate, and identical on a second call."""
     from edge_pu.backends import make_backend

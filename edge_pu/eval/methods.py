@@ -24,12 +24,18 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | sft+random           | two      | SFT, then GRPO-adv on random scores (no ranking signal; the    |
 |                      |          | anchor and the unfinished rule still act)                      |
 | sft+similarity       | two      | SFT, then GRPO-adv on chrF to the anchor                       |
+| sft+pu-recall        | two      | SFT, then GRPO-adv on the student's own recall of the anchor  |
+|                      |          | with the candidate shown (ranker `recall`)                     |
 | sft+bleu             | two      | SFT, then GRPO-adv on BLEU to the anchor (BLEUBERI)            |
 | sft+pu:no-anchor     | two      | the default without the anchor as positive                     |
 | sft+pu:keep-unfinished | two    | the default with unfinished candidates ranked like answers     |
 | sft+pu:zscore        | two      | the default with per-group z-scores instead of pooled scale    |
 | sft+pu:group-adv     | two      | the default with advantages divided by each group's std        |
 | pu-dpo ...           | pipeline | single-stage: PU from the untrained student (as before)        |
+
+Any PU method takes train.* settings of its own as a variant, `name@key=value[@...]`
+(`method_named`), e.g. `sft+oracle@lr=5e-4`: settings are compared in one eval folder, on the
+same SFT path and candidates (choose them with `edge-pu eval --tune`, on the validation split).
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            about="SFT, then GRPO on random scores (control)"),
     Method("sft+similarity", "two", "grpo", "advantage", ranker="similarity",
            about="SFT, then GRPO on chrF to the anchor"),
+    Method("sft+pu-recall", "two", "grpo", "advantage", ranker="recall",
+           about="SFT, then PU self-ranking by anchor recall + LDL-GRPO (advantage)"),
     Method("sft+bleu", "two", "grpo", "advantage", ranker="bleu",
            about="SFT, then GRPO on BLEU to the anchor"),
     Method("sft+pu:no-anchor", "two", "grpo", "advantage", ranker="{mode}",
@@ -98,6 +106,42 @@ DEFAULT_METHODS = ("none", "sft", "sft-best", "sft-stage1", "sft+pu-grpo-adv", "
                    "sft+pu-grpo-dist", "sft+oracle", "sft+random", "sft+similarity",
                    "sft+bleu", "sft+pu:no-anchor", "sft+pu:keep-unfinished", "sft+pu:zscore",
                    "sft+pu:group-adv")
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_named(name: str) -> Method:
+    """A METHODS entry, or a variant of one: `base@key=value[@key=value...]` sets train.* keys
+    for that method only (e.g. `sft+oracle@lr=5e-4`), so settings can be compared in one eval
+    folder, on the same SFT path and candidates."""
+    from dataclasses import fields, replace
+
+    from ..config import TrainConfig
+    from ..errors import EdgePuError
+
+    base, *sets = name.split("@")
+    if base not in METHODS:
+        raise EdgePuError(f"eval: unknown method {base}; choose from {', '.join(METHODS)}.")
+    if not sets:
+        return METHODS[base]
+    m, known = METHODS[base], {f.name for f in fields(TrainConfig)}
+    extra = []
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or key not in known:
+            raise EdgePuError(f"eval: method {name}: {item!r} is not train.KEY=VALUE (keys: "
+                              f"{', '.join(sorted(known))}).")
+        extra.append((key, _value(value)))
+    if m.kind != "two" and m.kind != "pipeline":
+        raise EdgePuError(f"eval: method {name}: only PU methods take train.* settings.")
+    return replace(m, name=name, train=(*m.train, *extra))
 
 
 def reset_adapter(backend: Any, cfg: Any, seed: int) -> None:

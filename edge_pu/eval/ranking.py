@@ -27,6 +27,7 @@ from ..rank import RANKERS, RankItem
 RANK_SPECS: dict[str, tuple[str, bool]] = {  # name -> (edge_pu.rank mode, use_anchor)
     "likelihood": ("likelihood", True),
     "likelihood-noanchor": ("likelihood", False),
+    "recall": ("recall", True),
     "judge": ("judge", True),
     "judge-noanchor": ("judge", False),
     "similarity": ("similarity", True),

@@ -40,13 +40,14 @@ from typing import Any
 from ..anchors import AnchorStore
 from ..config import RunConfig, config_to_dict, load_config
 from ..data import Prompt, load_prompts
+from ..data import prompt_ids as chat_prompt_ids
 from ..errors import EdgePuError
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
 from ..tasks import FAMILIES, check, generate_tasks, split, to_jsonl_rows
 from ..teachers import make_teacher
 from ..train import plan_steps
 from .measure import Stages
-from .methods import DEFAULT_METHODS, METHODS, QUICK_METHODS, reset_adapter
+from .methods import DEFAULT_METHODS, QUICK_METHODS, method_named, reset_adapter
 from .ranking import RANK_SPECS, summarize
 from .runners import (
     Benchmark,
@@ -101,6 +102,7 @@ class EvalOptions:
     benchmark: str = ""  # "ifeval": also score IFEval_METHODS on IFEval
     ifeval_prompts: int = 60
     ifeval_max_new_tokens: int = 160
+    tune: bool = False  # score methods on the validation split (for choosing settings)
 
 
 def set_threads(n: int) -> int:
@@ -117,6 +119,8 @@ def set_threads(n: int) -> int:
 
 def _sizes(opts: EvalOptions) -> dict[str, int]:
     sizes = dict(SIZES["quick" if opts.quick else "full"])
+    if opts.tune:
+        sizes["tune"] = 1  # a different scored set: its cached results must not mix
     for key in ("train_per_family", "heldout_per_family", "eval_max_new_tokens",
                 "validation_per_family", "pu_steps"):
         if getattr(opts, key) > 0:
@@ -183,13 +187,16 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     rest, heldout = split(tasks, heldout_fraction=ho / (tr + va + ho), seed=opts.task_seed)
     train_tasks, validation = split(rest, heldout_fraction=va / (tr + va),
                                     seed=opts.task_seed + 1)
+    if opts.tune:  # choosing settings: score on the validation split, never the held-out set
+        heldout = validation
     write_jsonl_atomic(out / "tasks.jsonl", to_jsonl_rows(tasks))
     write_jsonl_atomic(out / "train_prompts.jsonl",
                        [{"id": t.id, "prompt": t.prompt} for t in train_tasks])
     cfg = resolve_config(opts, out)
     _check_fingerprint(out, cfg, sizes, opts.task_seed)
-    methods = [METHODS[n] for n in _pick(opts.methods, METHODS, QUICK_METHODS if opts.quick
-                                         else DEFAULT_METHODS, "method")]
+    picked = [n for name in opts.methods for n in name.split(",") if n] or list(
+        QUICK_METHODS if opts.quick else DEFAULT_METHODS)
+    methods = [method_named(n) for n in dict.fromkeys(picked)]
     n_total = cfg.train.steps
     n_pu = min(sizes["pu_steps"], n_total - 1) if n_total > 1 else 1
     n_sft = max(1, n_total - n_pu)
@@ -221,8 +228,7 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
                              info=info, desc="before")
     bench.run(backend, "none", None, adapter=False)
     task_of = {t.id: t for t in tasks}
-    prompt_ids = {p.id: backend.chat_ids([{"role": "user", "content": p.text}])
-                  for p in prompts if p.id in anchors}
+    prompt_ids = {p.id: chat_prompt_ids(backend, p) for p in prompts if p.id in anchors}
     ranker_runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rankers}
     method_runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     for seed in range(opts.seeds):
