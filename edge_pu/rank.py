@@ -107,7 +107,7 @@ def recall_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig
     rows: list[tuple[list[int], list[int]]] = []  # prompt with the draft shown, anchor ids
     for it in items:
         anchor = anchor_completion(backend, it.anchor)
-        rows += [(backend.chat_ids([{"role": "user", "content": draft_prompt(it.prompt, t)}]),
+        rows += [(prompt_ids(backend, it.chat, last_user=draft_prompt(it.chat.last_user, t)),
                   anchor) for t in it.texts]
     flat: list[float] = []
     for b in _batches(len(rows), cfg.batch_size):
