@@ -240,10 +240,14 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
             from .sft_path import sft_path
 
             reset_adapter(backend, scfg, seed)
+            # Only the checkpoints some method needs (sft-best's run to 2N steps is the costly
+            # part of the path).
+            steps = [n_sft, n_total, *(best_steps if any(m.kind == "sft-best" for m in methods)
+                                       else [])]
             with stages.stage("sft-path", seed=seed) as info:
-                info["cached"] = (path_root / f"step-{2 * n_total}" / "COMPLETE").exists()
-                sft_path(backend, scfg, prompt_ids, anchors, path_root,
-                         [n_sft, *best_steps])
+                info["cached"] = all((path_root / f"step-{s}" / "COMPLETE").exists()
+                                     for s in steps)
+                sft_path(backend, scfg, prompt_ids, anchors, path_root, steps)
         sets: dict[str, tuple[Path, dict[str, list[dict]], dict[str, dict[str, list[float]]]]]
         sets = {}
         for name, wanted in (("untrained", single), ("sft", two)):
