@@ -250,7 +250,7 @@ class AnchorStore:
             out.sent += 1
             started = time.monotonic()
             try:
-                text = teacher.answer(prompt.text)
+                text = teacher.answer(prompt.messages())  # the conversation, as is
             except TeacherError as exc:
                 used = self._done(req, key, prompt, attempt, teacher, worst, "error", str(exc),
                                   started)

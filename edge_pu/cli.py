@@ -12,13 +12,13 @@ with code 3 naming the holder, or queues behind it with --wait.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .console import command_output, configure_logging, demo_summary, print_summary, run_summary
 from .errors import EdgePuError
 
 
@@ -26,6 +26,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors and the final summary")
+    p.add_argument("--json", action="store_true",
+                   help="the final summary as JSON on stdout (run dir, adapter, metrics, "
+                        "exports); everything else goes to stderr")
 
 
 def _add_wait_arg(p: argparse.ArgumentParser) -> None:
@@ -50,15 +58,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
     cfg = load_config(args.config, args.overrides)
-    with _locked(cfg.run_dir, args):
+    with command_output(quiet=args.quiet, as_json=args.json), _locked(cfg.run_dir, args):
         run(cfg, restart=args.restart)
+    print_summary(run_summary(cfg.run_dir), as_json=args.json)
     return 0
 
 
 def cmd_anchors(args: argparse.Namespace) -> int:
     from .anchors import AnchorStore
     from .config import load_config
-    from .data import load_prompts
+    from .data import load_data
     from .pipeline import prepare_run_dir, run_anchors
     from .teachers import make_teacher
 
@@ -74,8 +83,7 @@ def cmd_anchors(args: argparse.Namespace) -> int:
             print(f"[anchors] exported {store.export(args.export_path)} anchors to "
                   f"{args.export_path}")
         if not (args.import_path or args.export_path):
-            report = run_anchors(cfg, load_prompts(cfg.data.prompts, limit=cfg.data.limit),
-                                 run_dir)
+            report = run_anchors(cfg, load_data(cfg.data), run_dir)
             return 1 if report.failed else 0
     return 0
 
@@ -83,9 +91,10 @@ def cmd_anchors(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    with _locked(args.run_dir, args):
+    with command_output(quiet=args.quiet, as_json=args.json), _locked(args.run_dir, args):
         run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
                  overrides=args.overrides, export=args.export, restart=args.restart)
+    print_summary(demo_summary(args.run_dir), as_json=args.json)
     return 0
 
 
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="keep the anchors, redo sampling, ranking and training")
     _add_wait_arg(p)
+    _add_output_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("anchors", help="ask the teacher once per prompt; import/export anchors")
     _add_config_args(p)
@@ -157,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", action="store_true",
                    help="also export GGUF q8_0 and ONNX, gated on the held-out prompts")
     _add_wait_arg(p)
+    _add_output_args(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predicted peak memory per stage; settings that fit")
     _add_config_args(p)
@@ -198,28 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever sys.stderr is at emit time (main() may run many times per process)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["edge-pu", *argv])  # what a refused writer is told
-    log = logging.getLogger("edge_pu")  # stage progress of modules that log (export)
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    configure_logging()  # edge_pu's log on stderr; other packages' deprecation notices at debug
     try:
         return int(args.func(args))
     except EdgePuError as exc:

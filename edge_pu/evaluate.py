@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .config import SamplingConfig
+from .data import prompt_ids
 from .tasks import Task, check, passed
 
 
@@ -25,7 +26,7 @@ def greedy_answers(backend: Any, tasks: Sequence[Task], *, adapter: bool, max_ne
     with tqdm(total=len(tasks), desc=desc, unit="prompt") as bar:
         for s in range(0, len(tasks), batch):
             chunk = tasks[s: s + batch]
-            ids = [backend.chat_ids([{"role": "user", "content": t.prompt}]) for t in chunk]
+            ids = [prompt_ids(backend, t.prompt) for t in chunk]
             for [sample] in backend.sample(ids, 1, cfg, [0] * len(chunk), adapter=adapter):
                 out.append(sample.text.strip())
             bar.update(len(chunk))

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .anchors import AnchorReport, AnchorStore
 from .config import RunConfig, config_to_dict, dump_config
-from .data import Prompt, check_prompt_lengths, load_prompts
+from .data import Prompt, check_prompt_lengths, load_data, prompt_ids
 from .errors import EdgePuError
 from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
 from .teachers import make_teacher
@@ -133,7 +133,7 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
     with tqdm(total=len(todo), desc=f"sample r{round_idx}", unit="prompt") as bar:
         for s in range(0, len(todo), step):
             chunk = todo[s: s + step]
-            ids = [backend.chat_ids([{"role": "user", "content": p.text}]) for p in chunk]
+            ids = [prompt_ids(backend, p) for p in chunk]
             seeds = [_seed(cfg.sampling.seed, round_idx, p.id) for p in chunk]
             for p, samples in zip(chunk, sampler.sample(ids, cfg.sampling.k, cfg.sampling,
                                                         seeds), strict=True):
@@ -158,7 +158,7 @@ def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors
     todo = [pid for pid in cands if pid not in scores]
     step = max(1, cfg.ranker.batch_size // cfg.sampling.k)
     for s in tqdm(range(0, len(todo), step), desc=f"rank r{round_idx}", unit="batch"):
-        items = [RankItem(pid, prompts[pid].text, anchors[pid],
+        items = [RankItem(pid, prompts[pid], anchors[pid],
                           [c["token_ids"] for c in cands[pid]], [c["text"] for c in cands[pid]])
                  for pid in todo[s: s + step]]
         result = ranker(backend, items, cfg.ranker)
@@ -173,7 +173,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     t0 = time.time()
     run_dir = prepare_run_dir(cfg, restart=restart)
     print("[config] resolved:\n" + dump_config(cfg), flush=True)
-    prompts = load_prompts(cfg.data.prompts, limit=cfg.data.limit)
+    prompts = load_data(cfg.data)
     # The student is loaded and the prompts measured before the teacher is asked anything:
     # bad input must not cost a paid call.
     if backend is None:
@@ -184,8 +184,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
         backend = make_backend(cfg.backend)
         print(f"[backend] {backend.name}: loading {cfg.student.path}", flush=True)
         backend.load(cfg)
-    check_prompt_lengths(prompts, [len(backend.chat_ids([{"role": "user", "content": p.text}]))
-                                   for p in prompts],
+    check_prompt_lengths(prompts, [len(prompt_ids(backend, p)) for p in prompts],
                          max_length=cfg.student.max_length,
                          max_new_tokens=cfg.sampling.max_new_tokens, source=cfg.data.prompts)
     result = RunResult(run_dir, anchors=run_anchors(cfg, prompts, run_dir))
@@ -199,8 +198,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     if cfg.sft.enabled:  # stage 1: the PU stage starts from, and is measured against, SFT
         from .sft import run_sft
 
-        ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
-               for pid in anchors}
+        ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
         result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
         if sampler is not None:  # round 1 samples from the SFT policy
             adapter = run_dir / "sampler" / "adapter-sft"
@@ -270,10 +268,9 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
 
     cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
     scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
-    prompt_ids = {pid: backend.chat_ids([{"role": "user", "content": by_id[pid].text}])
-                  for pid in cands}
+    ids = {pid: prompt_ids(backend, by_id[pid]) for pid in cands}
     units, records, counts = build_units(
-        cfg.train, prompt_ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},
+        cfg.train, ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},
         scores, finished={pid: [bool(c.get("finished", True)) for c in cs]
                           for pid, cs in cands.items()},
         anchors={pid: anchor_completion(backend, anchors[pid]) for pid in cands})

@@ -21,6 +21,7 @@ from typing import Any
 from ..anchors import AnchorStore
 from ..config import RunConfig
 from ..data import Prompt
+from ..data import prompt_ids as chat_prompt_ids
 from ..errors import EdgePuError
 from ..evaluate import greedy_answers, score
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
@@ -62,8 +63,8 @@ def cached_scores(path: Path, backend: Any, spec: str, cfg: RunConfig, prompts: 
         got = [[check(task_of[pid], c["text"].strip()) for c in cs] for pid, cs in cands.items()]
         pids = list(cands)
     else:
-        text = {p.id: p.text for p in prompts}
-        items = [RankItem(pid, text[pid], anchors[pid], [c["token_ids"] for c in cs],
+        by_id = {p.id: p for p in prompts}
+        items = [RankItem(pid, by_id[pid], anchors[pid], [c["token_ids"] for c in cs],
                           [c["text"] for c in cs]) for pid, cs in cands.items()]
         got = score_items(backend, items, spec, cfg.ranker, cfg.sampling.k)
         pids = [it.prompt_id for it in items]
@@ -182,7 +183,7 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
             load_checkpoint(backend, ctx.path_root, extra["validation"]["best_steps"])
         elif m.kind == "spin":
             _, cands, _ = ctx.sets["untrained"]
-            prompt_ids = {p.id: backend.chat_ids([{"role": "user", "content": p.text}])
+            prompt_ids = {p.id: chat_prompt_ids(backend, p)
                           for p in ctx.prompts if p.id in ctx.anchors}
             completions = {pid: anchor_completion(backend, a) for pid, a in ctx.anchors.items()}
             rejected = {pid: cs[0]["token_ids"] for pid, cs in cands.items()}

@@ -1,7 +1,12 @@
-"""The teacher interface and its error type."""
+"""The teacher interface and its error type.
+
+A teacher is asked with a prompt string (one user turn) or a conversation as chat messages
+(edge_pu.data.Prompt.messages(): system / user / assistant turns ending with a user turn).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..config import TeacherConfig
@@ -23,10 +28,14 @@ class TeacherError(Exception):
         self.retry_after = retry_after
 
 
+Messages = Sequence[dict[str, str]]
+PromptLike = str | Messages
+
+
 class Teacher(Protocol):
     identity: str  # what anchors are keyed on; never contains a secret
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: PromptLike) -> str:
         """One request to the teacher. Raises TeacherError; retries are the caller's job."""
         ...
 
@@ -37,6 +46,15 @@ def generation_settings(cfg: TeacherConfig) -> dict[str, object]:
             "temperature": cfg.temperature}
 
 
-def chat_messages(cfg: TeacherConfig, prompt: str) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return msgs + [{"role": "user", "content": prompt}]
+def chat_messages(cfg: TeacherConfig, prompt: PromptLike) -> list[dict[str, str]]:
+    """The messages sent to the teacher. `teacher.system_prompt` (the teacher's instructions)
+    comes first; where the conversation has its own system turn (the one the student is trained
+    under), the two are one system message, the teacher's first, a blank line between."""
+    msgs = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+            else [dict(m) for m in prompt])
+    if not cfg.system_prompt:
+        return msgs
+    if msgs and msgs[0]["role"] == "system":
+        return [{"role": "system", "content": f"{cfg.system_prompt}\n\n{msgs[0]['content']}"},
+                *msgs[1:]]
+    return [{"role": "system", "content": cfg.system_prompt}, *msgs]

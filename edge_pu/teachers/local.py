@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import TeacherConfig
 from ..errors import EdgePuError
-from .base import chat_messages
+from .base import PromptLike, chat_messages
 
 
 def _existing(cfg: TeacherConfig, what: str) -> Path:
@@ -31,7 +31,7 @@ class HFTeacher:
                                                           use_safetensors=True).eval()
         self.identity = f"hf:{path.resolve()}"
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: PromptLike) -> str:
         import torch
 
         enc = self.tok.apply_chat_template(chat_messages(self.cfg, prompt),
@@ -57,7 +57,7 @@ class GGUFTeacher:
         self.llm = Llama(model_path=str(path), n_ctx=2048, verbose=False, seed=0)
         self.identity = f"gguf:{path.resolve()}"
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: PromptLike) -> str:
         out = self.llm.create_chat_completion(messages=chat_messages(self.cfg, prompt),
                                               max_tokens=self.cfg.max_tokens,
                                               temperature=self.cfg.temperature)

@@ -46,7 +46,7 @@ from typing import Any
 
 from ..config import TeacherConfig
 from ..errors import EdgePuError
-from .base import TeacherError, chat_messages
+from .base import PromptLike, TeacherError, chat_messages
 
 MAX_REPLY_BYTES = 16 * 2**20  # a chat completion is kilobytes; more is a broken server
 _NOTHING_GENERATED: dict[str, Any] = {"total_tokens": 0}
@@ -78,7 +78,7 @@ class OpenAITeacher:
         key = api_key(self.cfg)
         return text.replace(key, "[redacted]") if key else text
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: PromptLike) -> str:
         self.last_usage, self.last_finish_reason = None, None
         body = {"model": self.cfg.model, "messages": chat_messages(self.cfg, prompt),
                 "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
