@@ -38,7 +38,7 @@ from .errors import EdgePuError
 Turn = tuple[str, str]  # (role, content)
 ANSWER_FIELDS = ("anchor", "response", "answer", "completion", "output")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_LIKELY_PROMPT = ("question", "query", "text", "input", "content", "problem", "instruction")
+_LIKELY_PROMPT = ("question", "query", "text", "input", "content", "problem")
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,14 @@ def load_prompts(path: str | Path, *, limit: int = 0, prompt_field: str = "promp
     if not path.exists():
         raise EdgePuError(f"{path}: data.prompts file not found.")
     prompts: list[Prompt] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Prompt] = {}
     for p in iter_prompts(path, prompt_field=prompt_field, system_prompt=system_prompt,
                           fmt=fmt):
         if p.id in seen:
-            raise EdgePuError(f"{p.where}: duplicate id {p.id!r} (first on {seen[p.id]}).")
-        place = p.where[len(str(path)):].lstrip(": ")  # "7", "8 (row 7)" or "row 7"
-        seen[p.id] = place if place.startswith("row") else f"line {place}"
+            first = seen[p.id]
+            at = f"line {first.line}" if first.where == f"{path}:{first.line}" else first.where
+            raise EdgePuError(f"{p.where}: duplicate id {p.id!r} (first on {at}).")
+        seen[p.id] = p
         prompts.append(p)
         if limit and len(prompts) >= limit:
             break
@@ -167,7 +168,8 @@ def parse_record(row: Row, *, prompt_field: str = "prompt", system_prompt: str =
     elif prompt_field in rec:
         raise EdgePuError(f"{where}: field \"{prompt_field}\" is empty.")
     else:
-        found = next((k for k in _LIKELY_PROMPT if k in rec and k != prompt_field), None)
+        found = next((k for k in _LIKELY_PROMPT if rec.get(k) is not None and k != prompt_field),
+                     None)
         hint = (f" (found \"{found}\": set data.prompt_field: {found}, or rename it to "
                 f"\"{prompt_field}\")") if found else ""
         raise EdgePuError(f"{where}: missing field \"{prompt_field}\"{hint}; a record needs "
@@ -224,8 +226,9 @@ def _conversation(value: Any, where: str, name: str) -> tuple[tuple[Turn, ...], 
     """The turns up to the last user turn, and the assistant turn after it (the answer)."""
     if not isinstance(value, list) or not value:
         what = "an empty list" if isinstance(value, list) else f"a {type(value).__name__}"
+        csv = " (a CSV cell holds the list as JSON)" if isinstance(value, str) else ""
         raise EdgePuError(f"{where}: field \"{name}\" must be a non-empty list of {{\"role\", "
-                          f"\"content\"}} messages, got {what}.")
+                          f"\"content\"}} messages, got {what}{csv}.")
     turns = []
     for i, msg in enumerate(value):
         role, content = _content(msg, where, f"{name}[{i}]")

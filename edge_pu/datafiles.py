@@ -2,13 +2,13 @@
 
 `read_records(path, fmt)` yields `Row(n, where, record)` for each record: `n` is the record's
 number (a JSONL file's line number, else its row, from 1) and `where` names it in messages
-(`prompts.jsonl:7`, `prompts.csv:8 (row 7)`, `prompts.json:12 (record 3)`,
+(`prompts.jsonl:7`, `prompts.csv:8 (row 7)`, `prompts.json:12 (row 3)`,
 `prompts.parquet: row 7`). Formats, chosen by `fmt` or, for "auto", by the name:
 - `jsonl`: one JSON object per line (`.jsonl`, `.ndjson`, and any name not listed here).
 - `json`: a JSON array of objects (`.json`; a `.json` file that does not start with `[` is read
   as JSON Lines, which is what `datasets.Dataset.to_json` writes).
 - `csv`: a header row, then one record per row (`.csv`; `.tsv` with tabs). Empty cells are
-  missing values; a cell holding a JSON list (a `messages` column) is parsed.
+  missing values; a cell holding a JSON list of objects (a `messages` column) is that list.
 - `parquet`: `.parquet` / `.pq`, read with pyarrow (`pip install 'edge-pu[data]'`).
 - `datasets`: a folder written by `datasets.Dataset.save_to_disk`, read with pyarrow too.
 Anything unreadable raises EdgePuError naming the file and the line or row.
@@ -27,7 +27,6 @@ from typing import Any
 from .errors import EdgePuError
 from .jsonl import iter_jsonl
 
-FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "datasets")
 _SUFFIX = {".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
            ".pq": "parquet"}
 _PYARROW_HINT = "pip install 'edge-pu[data]' (pyarrow)"
@@ -117,7 +116,7 @@ def _json(path: Path) -> Iterator[Row]:
                                   f"{exc.colno}).") from None
             line += text.count("\n", seen, pos)
             seen, n = pos, n + 1
-            where = f"{path}:{line} (record {n})"
+            where = f"{path}:{line} (row {n})"
             if not isinstance(rec, dict):
                 raise EdgePuError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
             yield Row(n, where, rec)
@@ -157,20 +156,23 @@ def _csv(path: Path) -> Iterator[Row]:
                                   f"{len(names)} columns ({', '.join(names)}).")
             rec: dict[str, Any] = {}
             for name, cell in zip(names, cells, strict=True):
-                if cell == "":
-                    rec[name] = None  # an empty cell is a missing value
-                elif cell.lstrip().startswith("["):  # a JSON list: a messages column
-                    try:
-                        rec[name] = json.loads(cell)
-                    except json.JSONDecodeError as exc:
-                        raise EdgePuError(f"{where}: column {name!r} starts with '[' but is not "
-                                          f"valid JSON ({exc.msg}); a messages cell holds a JSON "
-                                          "list of {\"role\", \"content\"} objects.") from None
-                else:
-                    rec[name] = cell
+                rec[name] = None if cell == "" else _messages_cell(cell)
             yield Row(n, where, rec)
     except csv.Error as exc:
         raise EdgePuError(f"{path}:{reader.line_num}: not valid CSV ({exc}).") from None
+
+
+def _messages_cell(cell: str) -> Any:
+    """A cell holding a JSON list of objects (a messages column) as that list; any other cell,
+    a prompt that merely starts with '[' included, as its text."""
+    if not cell.lstrip().startswith("["):
+        return cell
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+    ok = isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+    return value if ok else cell
 
 
 def _pyarrow(path: Path, what: str) -> Any:

@@ -142,6 +142,11 @@ def test_default_ids_are_line_or_row_numbers(fmt: str, tmp_path: Path) -> None:
     assert [p.id for p in prompts] == want
 
 
+def test_csv_prompt_that_starts_with_a_bracket_is_text(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p", [{"prompt": "[1, 2, 3] sort these"}, {"prompt": "[x]"}])
+    assert [p.text for p in load_prompts(path)] == ["[1, 2, 3] sort these", "[x]"]
+
+
 def test_system_prompt_goes_where_a_record_has_none(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p", RECORDS)
     prompts = {p.id: p for p in load_prompts(path, system_prompt="Be brief.")}
@@ -283,7 +288,7 @@ BAD: list[tuple[str, list[dict[str, Any]], list[str]]] = [
                                                {"role": "tool", "content": "b"}]}],
      ["p.jsonl:2:", 'field "messages[1]".role is \'tool\'']),
     ("json", [{"prompt": "ok"}, {"question": "where?"}],
-     ["p.json:5 (record 2):", 'missing field "prompt"', "data.prompt_field: question"]),
+     ["p.json:5 (row 2):", 'missing field "prompt"', "data.prompt_field: question"]),
     ("csv", [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": ""}],
      ["p.csv:3 (row 2):", 'field "prompt" is empty']),
     ("parquet", [{"messages": [{"role": "user", "content": "a"}]},
@@ -296,12 +301,12 @@ BAD: list[tuple[str, list[dict[str, Any]], list[str]]] = [
                                 {"role": "assistant", "content": "c"}]}],
      ["p: row 2:", 'field "messages" has 2 assistant turns after the last user turn']),
     ("csv", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}],
-     ["p.csv:3 (row 2):", "duplicate id 'a'", "first on line 2 (row 1)"]),
+     ["p.csv:3 (row 2):", "duplicate id 'a'", "first on", "p.csv:2 (row 1)"]),
     ("jsonl", [{"messages": [{"role": "user", "content": "a"},
                              {"role": "system", "content": "late"}]}],
      ["p.jsonl:1:", 'field "messages[1]" is a system turn']),
     ("json", [{"instruction": ["not", "text"]}],
-     ["p.json:2 (record 1):", 'field "instruction" must be a string, got list']),
+     ["p.json:2 (row 1):", 'field "instruction" must be a string, got list']),
 ]
 
 
@@ -332,11 +337,12 @@ def test_bad_record_is_named_by_row_and_field(fmt: str, records: list[dict[str, 
     ("p.json", '[{"prompt": "a"},\n {"prompt": "b"}\n {"prompt": "c"}]',
      ["p.json:3:", "invalid JSON", "expected ',' or ']'"]),
     ("p.json", '[{"prompt": "a"},\n {"prompt": }]', ["p.json:2:", "invalid JSON"]),
-    ("p.json", '[{"prompt": "a"}, "text"]', ["p.json:1 (record 2):", "expected a JSON object"]),
+    ("p.json", '[{"prompt": "a"}, "text"]', ["p.json:1 (row 2):", "expected a JSON object"]),
     ("p.csv", 'prompt,id\nhello,a\n"unterminated,b\n', ["p.csv:", "not valid CSV"]),
     ("p.csv", 'prompt,id\nhello,a,extra\n', ["p.csv:2 (row 1):", "3 cells", "2 columns"]),
     ("p.csv", 'prompt,messages\n,"[{""role"": ""user"",]"\n',
-     ["p.csv:2 (row 1):", "column 'messages'", "not valid JSON"]),
+     ["p.csv:2 (row 1):", 'field "messages" must be a non-empty list', "got a str",
+      "holds the list as JSON"]),
     ("p.csv", b'prompt\nh\xe9llo\n', ["p.csv:2:", "not UTF-8"]),
     ("p.parquet", "not parquet at all", ["p.parquet:", "not a readable Parquet file"]),
 ], ids=["json-missing-comma", "json-bad-value", "json-not-object", "csv-unterminated",
