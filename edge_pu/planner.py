@@ -177,6 +177,11 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     elif cfg.ranker.mode == "likelihood":
         out.append(Stage("rank", (w, lora, hidden, ("max(layer, logits chunk)",
                                                     max(layer, chunk)))))
+    elif cfg.ranker.mode == "recall":  # each row scores the anchor after prompt + draft
+        A = max(1, min(cfg.teacher.max_tokens + 1, T - 1))
+        chunk_a = _logit_rows(s, R * A) * s.vocab * (8 + (0 if e == 4 else 2))
+        out.append(Stage("rank", (w, lora, hidden, ("max(layer, logits chunk)",
+                                                    max(layer, chunk_a)))))
     out.append(Stage("reference", (w, lora, hidden, ("max(layer, logits chunk)",
                                                      max(layer, chunk)))))
 

@@ -34,6 +34,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pass_rate_mean": _mean(pr), "pass_rate_sd": _sd(pr), "pass_rate_min": min(pr),
             "pass_rate_max": max(pr), "quality_mean": _mean(q), "quality_sd": _sd(q),
             "n_seeds": len(runs),
+            "validation_pass_rate_mean": _mean(v) if (v := [
+                r["validation_pass_rate"] for r in runs if "validation_pass_rate" in r]) else None,
             "by_family": {f: {"pass_rate_mean": _mean([r["by_family"][f]["pass_rate"]
                                                        for r in runs]),
                               "quality_mean": _mean([r["by_family"][f]["quality"] for r in runs]),
@@ -141,6 +143,11 @@ def _pm(mean: float, sd: float, n: int, pct: bool = True) -> str:
     return f"{mean:.3f}" + (f" ± {sd:.3f}" if n > 1 else "")
 
 
+def _val(m: dict[str, Any]) -> str:
+    v = m.get("validation_pass_rate_mean")
+    return "—" if v is None else f"{v:.1%}"
+
+
 def _lift(m: dict[str, Any], ref: str) -> str:
     c = m.get("lift_vs", {}).get(ref)
     return "—" if not c else f"{c['points']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
@@ -179,16 +186,19 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
         f"{r['sizes']['eval_max_new_tokens']} tokens. Total {r['seconds']:.0f} s.", "",
         "## Held-out pass rate by method", "",
         "Lifts are paired differences over the held-out prompts (each prompt's pass averaged "
-        "over seeds) with a bootstrap 95% interval; an interval that contains 0 is no effect.",
+        "over seeds) with a bootstrap 95% interval; an interval that contains 0 is no effect. "
+        "Validation pass: the same adapters on the validation split, the column settings are "
+        "chosen by.",
         "", "| method | what | pass rate | vs untrained (points) | vs sft | vs sft-best | "
-        "vs its SFT start | mean quality | train s |", "|---|---|---|---|---|---|---|---|---|"]
+        "vs its SFT start | mean quality | validation pass | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         n = m["n_seeds"]
         lines.append(f"| {name} | {m['about']} | {_pm(m['pass_rate_mean'], m['pass_rate_sd'], n)}"
                      f" | {_lift(m, 'none')} | {_lift(m, 'sft')} | {_lift(m, 'sft-best')} | "
                      f"{_lift(m, 'sft-stage1') if name.startswith('sft+') else '—'} | "
                      f"{_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
-                     f"{m['train_seconds_mean']:.0f} |")
+                     f"{_val(m)} | {m['train_seconds_mean']:.0f} |")
     lines += ["", f"Untrained student (greedy): pass rate {r['before']['pass_rate']:.1%}, mean "
               f"quality {r['before']['quality']:.3f}.", "",
               "## Ranker quality", "",

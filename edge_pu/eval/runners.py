@@ -193,6 +193,13 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
         else:
             raise EdgePuError(f"eval: method {m.name} has unknown kind {m.kind!r}")
         train_info.setdefault("steps", mcfg.train.steps)
+    if m.kind != "sft-best" and ctx.validation and ctx.validation is not ctx.heldout:
+        # The same adapter on the validation split: settings (method variants) are chosen by
+        # this column, never by the held-out pass rate next to it.
+        val = cached_eval(run_dir / "validation.json", backend, ctx.validation, ctx.sizes,
+                          adapter=True, info={}, desc="validation")
+        extra["validation_pass_rate"], extra["validation_quality"] = (val["pass_rate"],
+                                                                      val["quality"])
     with stages.stage(f"eval:{m.name}", seed=seed) as info:
         res = cached_eval(done, backend, ctx.heldout, ctx.sizes, adapter=True, info=info,
                           extra={"seed": seed, "train_diag": diag, **extra,
