@@ -77,7 +77,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RankerConfig:
-    mode: str = "likelihood"  # likelihood | recall | judge | similarity | bleu | random
+    # recall: on SmolLM2-135M after SFT it orders candidates like the checker (Kendall tau
+    # 0.66) where the likelihood gain reaches 0.47 and the judge 0.18 (edge-pu eval; README).
+    mode: str = "recall"  # recall | likelihood | judge | similarity | bleu | random
     judge: str = "initial"  # initial (frozen starting student) | current (the policy)
     judge_style: str = "yesno"  # yesno | rating
     batch_size: int = 8

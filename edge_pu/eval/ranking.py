@@ -28,6 +28,7 @@ RANK_SPECS: dict[str, tuple[str, bool]] = {  # name -> (edge_pu.rank mode, use_a
     "likelihood": ("likelihood", True),
     "likelihood-noanchor": ("likelihood", False),
     "recall": ("recall", True),
+    "recall-noanchor": ("recall", False),  # nothing to recall: plain mean-token likelihood
     "judge": ("judge", True),
     "judge-noanchor": ("judge", False),
     "similarity": ("similarity", True),
