@@ -1,5 +1,7 @@
 """Command line: `edge-pu run CONFIG.yaml [--set section.key=value ...]`, `edge-pu demo`,
-`edge-pu anchors CONFIG.yaml [--export F | --import F]`, `edge-pu doctor`.
+`edge-pu anchors CONFIG.yaml [--export F | --import F]`, `edge-pu doctor`, `edge-pu report
+RUN_DIR` (edge_pu.report), `edge-pu chat RUN_DIR` (edge_pu.chat), `edge-pu serve RUN_DIR`
+(edge_pu.serve).
 
 Every user error (EdgePuError) prints as one paragraph naming the culprit and exits non-zero;
 there is no traceback for those.
@@ -60,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     with command_output(quiet=args.quiet, as_json=args.json), _locked(cfg.run_dir, args):
         run(cfg, restart=args.restart)
+        _report_at_end(cfg.run_dir)
     print_summary(run_summary(cfg.run_dir), as_json=args.json)
     return 0
 
@@ -94,8 +97,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with command_output(quiet=args.quiet, as_json=args.json), _locked(args.run_dir, args):
         run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
                  overrides=args.overrides, export=args.export, restart=args.restart)
+        _report_at_end(args.run_dir)
     print_summary(demo_summary(args.run_dir), as_json=args.json)
     return 0
+
+
+def _report_at_end(run_dir: str | Path) -> None:
+    from .report import report_at_end
+
+    report_at_end(run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir, args.out or None))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat_command
+
+    return chat_command(args.run_dir, base=args.base, system=args.system,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_command
+
+    return serve_command(args.run_dir, host=args.host, port=args.port,
+                         allow_remote=args.allow_remote, api_key_env=args.api_key_env,
+                         api_key_file=args.api_key_file, gguf=args.gguf, n_ctx=args.n_ctx,
+                         allow_origin=args.allow_origin)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -128,7 +162,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     with _locked(args.out, args):  # before importing torch: a refusal is instant
-        return _eval(args)
+        code = _eval(args)
+        _report_at_end(args.out)
+        return code
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -197,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--find-links", action="append", default=[], metavar="URL_OR_DIR",
                    help="also look for the wheels here (repeatable)")
     p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("report", help="one self-contained HTML page about a run (or an eval)")
+    p.add_argument("run_dir", help="a run dir, or the --out folder of `edge-pu eval`")
+    p.add_argument("--out", default="", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("chat", help="talk to the trained student in the terminal")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--base", action="store_true", help="the untrained student, to compare")
+    p.add_argument("--system", default="", help="system prompt (default: data.system_prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="OpenAI-compatible API on loopback from the verified GGUF")
+    p.add_argument("run_dir", help="a run dir with a verified GGUF export")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="listen address (not loopback: needs --allow-remote and an API key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other than loopback (an API key is then required)")
+    p.add_argument("--api-key-env", default="", metavar="VAR",
+                   help="require this environment variable's value as the Bearer key")
+    p.add_argument("--api-key-file", default="", metavar="FILE",
+                   help="require this file's content as the Bearer key")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose browser requests are allowed (repeatable)")
+    p.add_argument("--gguf", default="", help="serve this GGUF instead of the run's export")
+    p.add_argument("--n-ctx", type=int, default=0, help="context size (0: the model's)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("doctor", help="backends, versions, devices, memory")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("eval", help="ranker tau and held-out pass rate, PU methods vs baselines")

@@ -10,6 +10,7 @@ Run dir layout (every JSONL is append-only and fsynced per record, so a killed r
   scores.jsonl           {"round", "prompt_id", "mode", "scores": [K floats]}
   pairs.jsonl            {"round", "prompt_id", ...} DPO pairs or GRPO targets
   metrics.jsonl          per optimizer step, plus one {"event": "round_end"} line per round
+  report.html            the run report (edge_pu.report; `edge-pu report RUN_DIR`)
   state/sft/             the SFT stage's adapter (resume point; the PU stage's reference)
   state/round-N/         adapter + optimizer + RNG after round N (resume point)
   adapter/               the final PEFT adapter (peft.PeftModel.from_pretrained loads it)
@@ -299,8 +300,9 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     # The sampling policy's log-probs are the GRPO ratio's denominator, and for both algorithms
     # give the round's KL(pi || ref) estimate: E over sampled rows of sum(log pi - log ref).
     attach_logprobs(backend, units, need_old=True, batch=cfg.ranker.batch_size)
-    seq_kl = [sum(o) - sum(f) for u in units for o, f in zip(u.old or [], u.ref or [],
-                                                              strict=True)]
+    # Over the distinct sampled candidates only: the anchor rows were not drawn from the policy.
+    rows = _candidate_rows(units, records)
+    seq_kl = [sum((u.old or [])[j]) - sum((u.ref or [])[j]) for u, j in rows]
     diag["kl_to_reference"] = statistics.fmean(seq_kl) if seq_kl else 0.0
     # Training restarts a round from its start state, so drop what an interrupted attempt at
     # this round logged: the metrics then hold each step once.
@@ -320,6 +322,7 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
 
     train(backend, units, cfg.train, round_idx=r, on_step=on_step)
     bar.close()
+    diag["kl_to_reference_end"] = _trained_kl(backend, rows, max(1, cfg.ranker.batch_size))
     for key in ("loss", "reward_margin", "reward_accuracy", "kl", "log_ratio"):
         vals = [m[key] for m in log if key in m]
         if vals:
@@ -334,3 +337,37 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     print(f"[round {r}] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in diag.items()), flush=True)
     return diag
+
+
+def _candidate_rows(units: list[Any], records: list[dict]) -> list[tuple[Any, int]]:
+    """(unit, row) of each distinct sampled candidate in the units; anchor rows left out."""
+    from .train import ANCHOR
+
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for u, rec in zip(units, records, strict=True):  # build_units keeps them in step
+        for j, k in enumerate(rec["rows"] if "rows" in rec else (rec["chosen"],
+                                                                  rec["rejected"])):
+            if k != ANCHOR and (u.prompt_id, k) not in seen:
+                seen.add((u.prompt_id, k))
+                out.append((u, j))
+    return out
+
+
+def _trained_kl(backend: Any, rows: list[tuple[Any, int]], batch: int) -> float:
+    """KL(pi_trained || ref) after a round, from the candidates drawn before it: a
+    self-normalized importance-weighted mean of sum(log pi - log ref), weights
+    pi_trained / pi_sampling per sequence. The round-start value is 0 whenever the round starts
+    at the reference (round 1 after SFT); this one says how far the round's steps moved."""
+    import math
+
+    new = [lp for s in range(0, len(rows), batch) for lp in backend.logprobs(
+        [u.prompt_ids for u, _ in rows[s: s + batch]],
+        [u.completions[j] for u, j in rows[s: s + batch]], adapter=True)]
+    if not new:
+        return 0.0
+    log_w = [sum(n) - sum((u.old or [])[j]) for (u, j), n in zip(rows, new, strict=True)]
+    top = max(log_w)
+    w = [math.exp(x - top) for x in log_w]
+    ratio = [sum(n) - sum((u.ref or [])[j]) for (u, j), n in zip(rows, new, strict=True)]
+    return sum(a * b for a, b in zip(w, ratio, strict=True)) / sum(w)

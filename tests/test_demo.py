@@ -32,6 +32,8 @@ def test_demo_runs_on_a_tiny_student(algorithm: str, tiny_llama_dir: Path, tmp_p
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "step" in m and m.get("stage") == "sft"] == [1, 2, 3]
     assert [m["step"] for m in steps if "step" in m and m.get("stage") != "sft"] == [1, 2]
+    page = (run_dir / "report.html").read_text()  # written at the end (edge_pu.report)
+    assert "after PU" in page and "PU round" in page
 
 
 def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: Path,

@@ -199,6 +199,8 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in res["stages"])
     assert "sft+pu-grpo-adv" in res["curves"]
     assert "## Ranker quality" in (out / "results.md").read_text()
+    page = (out / "report.html").read_text()  # edge_pu.report, written at the end
+    assert "sft+pu-grpo-adv" in page and "Stages of each method run" in page
 
     # A rerun resumes from the files: no new teacher call, no method trained again.
     assert main(argv) == 0
