@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonl import write_atomic
-from .methods import METHODS
+from .methods import method_named
 from .ranking import RANK_SPECS
 
 
@@ -65,7 +65,7 @@ def build_results(*, opts: dict[str, Any], sizes: dict[str, int], cfg: dict[str,
         agg = aggregate(runs)
         train = [s for s in stages if s["name"] == f"train:{name}"]
         out_methods[name] = {
-            "about": METHODS[name].about, **agg,
+            "about": method_named(name).about, **agg,
             "lift_points_mean": 100 * (agg["pass_rate_mean"] - before["pass_rate"]),
             "lift_points_per_seed": [100 * (r["pass_rate"] - before["pass_rate"]) for r in runs],
             "train_seconds_mean": _mean([s["seconds"] for s in train]) if train else 0.0,
