@@ -77,8 +77,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RankerConfig:
-    # recall: on SmolLM2-135M after SFT it orders candidates like the checker (Kendall tau
-    # 0.66) where the likelihood gain reaches 0.47 and the judge 0.18 (edge-pu eval; README).
+    # recall: on SmolLM2-135M's SFT candidates it orders them like the checker with Kendall tau
+    # 0.62 [0.53, 0.70] where the likelihood gain reaches 0.38 [0.24, 0.50] (3 seeds, same
+    # candidates; the judge 0.18 the day before): bench/eval-results/smollm2-recall-2026-12-02.md
     mode: str = "recall"  # recall | likelihood | judge | similarity | bleu | random
     judge: str = "initial"  # initial (frozen starting student) | current (the policy)
     judge_style: str = "yesno"  # yesno | rating
