@@ -142,8 +142,10 @@ def test_mixed_faults_every_prompt_ends_anchored_or_reported(tmp_path: Path) -> 
               "prompt 12": ["refusal"], "prompt 13": ["no-choices"], "prompt 14": ["400"]}
     ps = prompts(15)
     sleeps: list[float] = []
-    with FaultServer(script, sleep_s=0.6, retry_after=3) as server:
-        cfg = tcfg(server, timeout_s=0.25)
+    # p8's reply sleeps past the client timeout; a healthy reply must stay well inside it even on
+    # a loaded machine (0.25 s made a slow healthy reply time out and be asked twice).
+    with FaultServer(script, sleep_s=3.0, retry_after=3) as server:
+        cfg = tcfg(server, timeout_s=1.0)
         store, report = fetch(tmp_path, ps, cfg, sleeps)
         assert server.count() == report.requests == store.requests_made() == 27
         assert len(read_jsonl(store.ledger)) == len(read_jsonl(store.sent)) == 27
