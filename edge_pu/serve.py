@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgePuError
+from .keys import read_key
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -45,23 +46,8 @@ def read_api_key(env: str = "", file: str = "") -> str:
     """The key from $env or the file; "" when neither is given. Never echoed."""
     if env and file:
         raise EdgePuError("serve: give --api-key-env or --api-key-file, not both.")
-    if env:
-        key = os.environ.get(env, "").strip()
-        if not key:
-            raise EdgePuError(f"serve: --api-key-env names ${env}, which is not set in the "
-                              "environment; export it first.")
-        return key
-    if file:
-        path = Path(file).expanduser()
-        try:
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EdgePuError(f"serve: --api-key-file {path}: cannot read it "
-                              f"({getattr(exc, 'strerror', None) or exc}).") from None
-        if not key:
-            raise EdgePuError(f"serve: --api-key-file {path} is empty.")
-        return key
-    return ""
+    return read_key(env, file, env_name="serve: --api-key-env", file_name="serve: --api-key-file",
+                    env_fix="export it first")
 
 
 def check_binding(host: str, allow_remote: bool, key: str) -> None:

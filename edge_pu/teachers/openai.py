@@ -36,16 +36,15 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
-import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from ..config import TeacherConfig
 from ..errors import EdgePuError
+from ..keys import read_key
 from .base import PromptLike, TeacherError, chat_messages
 
 MAX_REPLY_BYTES = 16 * 2**20  # a chat completion is kilobytes; more is a broken server
@@ -143,23 +142,9 @@ class OpenAITeacher:
 
 def api_key(cfg: TeacherConfig) -> str:
     """The API key from $teacher.api_key_env or teacher.api_key_file; "" when neither is set."""
-    if cfg.api_key_env:
-        key = os.environ.get(cfg.api_key_env, "").strip()
-        if not key:
-            raise EdgePuError(f"config: teacher.api_key_env names ${cfg.api_key_env}, which is "
-                              "not set in the environment; export it or clear api_key_env.")
-        return key
-    if cfg.api_key_file:
-        path = Path(cfg.api_key_file).expanduser()
-        try:
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EdgePuError(f"config: teacher.api_key_file {path}: cannot read it "
-                              f"({getattr(exc, 'strerror', None) or exc}).") from None
-        if not key:
-            raise EdgePuError(f"config: teacher.api_key_file {path} is empty.")
-        return key
-    return ""
+    return read_key(cfg.api_key_env, cfg.api_key_file, env_name="config: teacher.api_key_env",
+                    file_name="config: teacher.api_key_file",
+                    env_fix="export it or clear api_key_env")
 
 
 def _read_capped(resp: Any, deadline: float) -> bytes:
