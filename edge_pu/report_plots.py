@@ -120,18 +120,9 @@ def candidates_figure(run: dict[str, Any]) -> Any:
     a.set_ylabel("candidates", fontsize=8)
     a.legend(fontsize=7)
     a.set_title("Candidate lengths", fontsize=9)
-    names = [f"r{r}" for r in rounds]
-    unf = [100 * c["unfinished_share"] for c in rounds.values()]
-    b.bar(names, unf, color="#c44e52")
-    for x, v in enumerate(unf):
-        b.text(x, v, f"{v:.0f}%", ha="center", va="bottom", fontsize=7)
-    b.set_ylim(0, 105)
-    b.set_ylabel("% of candidates", fontsize=8)
-    b.set_title("Unfinished (no EOS)", fontsize=9)
-    for ax in (a, b):
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return fig
+    _share_bars(b, rounds, [100 * c["unfinished_share"] for c in rounds.values()], "#c44e52",
+                "% of candidates", "Unfinished (no EOS)")
+    return _finish(fig, (a, b))
 
 
 def scores_figure(run: dict[str, Any]) -> Any:
@@ -148,15 +139,24 @@ def scores_figure(run: dict[str, Any]) -> Any:
     a.set_ylabel("prompts", fontsize=8)
     a.legend(fontsize=7)
     a.set_title("Score spread", fontsize=9)
-    names = [f"r{r}" for r in rounds]
-    tied = [100 * s["tied_share"] for s in rounds.values()]
-    b.bar(names, tied, color="#8172b3")
-    for x, v in enumerate(tied):
-        b.text(x, v, f"{v:.0f}%", ha="center", va="bottom", fontsize=7)
-    b.set_ylim(0, 105)
-    b.set_ylabel("% of prompts", fontsize=8)
-    b.set_title("Tied (no signal)", fontsize=9)
-    for ax in (a, b):
+    _share_bars(b, rounds, [100 * s["tied_share"] for s in rounds.values()], "#8172b3",
+                "% of prompts", "Tied (no signal)")
+    return _finish(fig, (a, b))
+
+
+def _share_bars(ax: Any, rounds: dict[Any, Any], pct: list[float], color: str, ylabel: str,
+                title: str) -> None:
+    """One bar per round with its percentage written on top."""
+    ax.bar([f"r{r}" for r in rounds], pct, color=color)
+    for x, v in enumerate(pct):
+        ax.text(x, v, f"{v:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
+def _finish(fig: Any, axes: Any) -> Any:
+    for ax in axes:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig

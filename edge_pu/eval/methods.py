@@ -135,6 +135,8 @@ def method_named(name: str) -> Method:
     if not sets:
         return METHODS[base]
     m, known = METHODS[base], {f.name for f in fields(TrainConfig)}
+    if m.kind not in ("two", "pipeline"):
+        raise EdgePuError(f"eval: method {name}: only PU methods take train.* settings.")
     extra = []
     for item in sets:
         key, eq, value = item.partition("=")
@@ -142,8 +144,6 @@ def method_named(name: str) -> Method:
             raise EdgePuError(f"eval: method {name}: {item!r} is not train.KEY=VALUE (keys: "
                               f"{', '.join(sorted(known))}).")
         extra.append((key, _value(value)))
-    if m.kind != "two" and m.kind != "pipeline":
-        raise EdgePuError(f"eval: method {name}: only PU methods take train.* settings.")
     return replace(m, name=name, train=(*m.train, *extra))
 
 

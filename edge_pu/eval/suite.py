@@ -154,14 +154,20 @@ def resolve_config(opts: EvalOptions, out: Path) -> RunConfig:
         out / "train_prompts.jsonl"), limit=0), run_dir=str(out))
 
 
+def _names(names: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
+    """Space- or comma-separated names, first occurrence kept; `default` when none given."""
+    return list(dict.fromkeys(n for name in names for n in name.split(",") if n)) or list(
+        default)
+
+
 def _pick(names: tuple[str, ...], known: dict[str, Any], default: tuple[str, ...], what: str
           ) -> list[str]:
-    picked = [n for name in names for n in name.split(",") if n] or list(default)
+    picked = _names(names, default)
     bad = [n for n in picked if n not in known]
     if bad:
         raise EdgePuError(f"eval: unknown {what} {', '.join(bad)}; choose from "
                           f"{', '.join(known)}.")
-    return list(dict.fromkeys(picked))
+    return picked
 
 
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
@@ -194,9 +200,8 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
                        [{"id": t.id, "prompt": t.prompt} for t in train_tasks])
     cfg = resolve_config(opts, out)
     _check_fingerprint(out, cfg, sizes, opts.task_seed)
-    picked = [n for name in opts.methods for n in name.split(",") if n] or list(
-        QUICK_METHODS if opts.quick else DEFAULT_METHODS)
-    methods = [method_named(n) for n in dict.fromkeys(picked)]
+    methods = [method_named(n) for n in _names(opts.methods, QUICK_METHODS if opts.quick
+                                                else DEFAULT_METHODS)]
     n_total = cfg.train.steps
     n_pu = min(sizes["pu_steps"], n_total - 1) if n_total > 1 else 1
     n_sft = max(1, n_total - n_pu)
