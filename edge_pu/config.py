@@ -118,6 +118,11 @@ class TrainConfig:
     anchor: str = "positive"  # positive: the anchor joins as the labelled best | none
     anchor_margin: float = 1.0  # the anchor's calibrated score above the best candidate
     advantage_norm: str = "pooled"  # pooled (round-level std of r) | group (per-group std)
+    # Which prompts the round trains on when the step budget (steps x batch_size units) covers
+    # fewer than the round has: all (a seeded shuffle of every prompt) | spread (the prompts
+    # whose finished candidates' calibrated scores spread the most: where the ranker sees a
+    # difference, not the prompts the student already answers the same way every time).
+    select: str = "all"
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0
     batch_size: int = 4  # pairs (DPO) or groups (GRPO) per optimizer step
@@ -185,6 +190,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.unfinished": ("below", "drop", "keep"),
     "train.anchor": ("positive", "none"),
     "train.advantage_norm": ("pooled", "group"),
+    "train.select": ("all", "spread"),
     "student.dtype": ("float32", "bfloat16"),
     "student.quant": ("none", "nf4", "mlx-affine-4"),
     "backend": ("auto", "cpu", "cuda", "mlx"),

@@ -284,14 +284,16 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         "round": r, "prompts": len(cands), "units": len(units), "tied_prompts": tied,
         "tied_share": tied / max(1, len(cands)),
         "unfinished_candidates": counts["unfinished"], "dropped_candidates": counts["dropped"],
-        "anchor_units": counts["anchor_units"],
+        "anchor_units": counts["anchor_units"], "unselected_prompts": counts["unselected"],
         "score_spread_mean": statistics.fmean(spreads) if spreads else 0.0,
         "candidate_tokens_mean": statistics.fmean(len(c["token_ids"]) for cs in cands.values()
                                                   for c in cs),
     }
     print(f"[round {r}] {len(units)} training units from {len(cands)} prompts; {tied} prompts "
           f"tied; {counts['unfinished']} unfinished candidates ({cfg.train.unfinished}); "
-          f"anchor as positive in {counts['anchor_units']} units", flush=True)
+          f"anchor as positive in {counts['anchor_units']} units"
+          + (f"; {counts['unselected']} prompts left out by train.select: spread"
+             if counts["unselected"] else ""), flush=True)
     if not units:
         raise EdgePuError(f"round {r}: every prompt's candidates tied, so there is nothing to "
                           "train on; raise sampling.temperature or sampling.k, or lower "

@@ -72,8 +72,13 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
     units: list[Unit] = []
     records: list[dict] = []
     counts = {"tied": 0, "unfinished": sum(not f for fs in finished.values() for f in fs),
-              "dropped": sum(v is None for vs in cal.values() for v in vs), "anchor_units": 0}
+              "dropped": sum(v is None for vs in cal.values() for v in vs), "anchor_units": 0,
+              "unselected": 0}
+    chosen = select_prompts(cfg, cal, finished, anchored=use_anchor)
+    counts["unselected"] = len(cal) - len(chosen)
     for pid, raw in cal.items():
+        if pid not in chosen:
+            continue
         keep = [j for j, v in enumerate(raw) if v is not None]
         s = [float(raw[j]) for j in keep]  # type: ignore[arg-type]
         comps = [candidates[pid][j] for j in keep]
@@ -104,6 +109,41 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
             records.append({"prompt_id": pid, "rows": keep, "target": d})
             counts["anchor_units"] += with_anchor
     return units, records, counts
+
+
+def group_spread(cal: Sequence[float | None], finished: Sequence[bool]) -> float:
+    """Population std of a group's calibrated scores over its finished candidates (all of
+    them when none finished): how much the ranker tells this prompt's candidates apart."""
+    vals = [v for v, f in zip(cal, finished, strict=True) if f and v is not None]
+    if not any(finished):
+        vals = [v for v in cal if v is not None]
+    if len(vals) < 2:
+        return 0.0
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]],
+                   finished: dict[str, list[bool]], *, anchored: bool) -> set[str]:
+    """The prompts a round trains on (`train.select`).
+
+    `all` keeps every prompt. `spread` spends a fixed step budget (train.steps > 0) where the
+    ranking says something: when the budget's units (steps x batch_size) are fewer than the
+    prompts' units, it keeps the prompts with the largest `group_spread` (ties: input order).
+    Under pooled calibration the spread is on one scale for every prompt, so a prompt the
+    student already answers the same way K times (spread ~0) gives way to one whose candidates
+    differ. A prompt gives one GRPO group, or for DPO best-worst one pair plus the anchor's.
+    """
+    if cfg.select == "all" or cfg.steps <= 0:
+        return set(cal)
+    per_prompt = 1 if cfg.algorithm == "grpo" else (
+        (2 if anchored else 1) if cfg.pair_strategy == "best-worst" else 1)
+    budget = math.ceil(cfg.steps * cfg.batch_size / per_prompt)
+    if budget >= len(cal):
+        return set(cal)
+    spread = {pid: group_spread(v, finished[pid]) for pid, v in cal.items()}
+    order = sorted(cal, key=lambda pid: -spread[pid])  # stable: ties keep input order
+    return set(order[:budget])
 
 
 def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,

@@ -94,3 +94,35 @@ def test_pooled_advantage_does_not_inflate_a_near_tie() -> None:
     pooled = group_advantages(target, adv_std=s)
     assert pooled.flatten().tolist() == pytest.approx(
         [0.0002 / s, -0.0002 / s, 0.8 / s, -0.8 / s], rel=1e-6)
+
+
+def test_select_spread_spends_the_step_budget_on_the_prompts_the_ranker_tells_apart() -> None:
+    """Three prompts, GRPO, 2 steps x 1 group: budget 2 of 3 prompts. Raw scores
+    a = [1, 1, 1] (tied), b = [0, 2, 4] (population variance 8/3), c = [0, 1, 2] (2/3).
+    Pooled S = sqrt((0 + 8/3 + 2/3) / 3) = sqrt(10/9) = 1.0541; spreads = sqrt(var) / S:
+    a 0, b 1.5492, c 0.7746. `spread` keeps b and c and counts a as unselected; `all` keeps
+    all three; with a budget of 3 steps `spread` keeps all three too. For DPO best-worst with
+    the anchor a prompt gives 2 pairs, so 2 steps x 1 pair is a budget of 1 prompt: b."""
+    from edge_pu.train import group_spread
+
+    scores = {"a": [1.0, 1.0, 1.0], "b": [0.0, 2.0, 4.0], "c": [0.0, 1.0, 2.0]}
+    cands = {p: [[1], [2], [3]] for p in scores}
+    ids = {p: [0] for p in scores}
+    anchors = {p: [9] for p in scores}
+    cal = group_scores(scores, {p: [True] * 3 for p in scores}, calibration="pooled",
+                       unfinished="below")
+    s = math.sqrt(10 / 9)
+    assert group_spread(cal["b"], [True] * 3) == pytest.approx(math.sqrt(8 / 3) / s)
+    assert group_spread(cal["c"], [True] * 3) == pytest.approx(math.sqrt(2 / 3) / s)
+    assert group_spread(cal["a"], [True] * 3) == 0.0
+    cfg = TrainConfig(algorithm="grpo", steps=2, batch_size=1, select="spread")
+    units, _, counts = build_units(cfg, ids, cands, scores, anchors=anchors)
+    assert [u.prompt_id for u in units] == ["b", "c"] and counts["unselected"] == 1
+    units, _, counts = build_units(TrainConfig(algorithm="grpo", steps=2, batch_size=1),
+                                   ids, cands, scores, anchors=anchors)
+    assert [u.prompt_id for u in units] == ["a", "b", "c"] and counts["unselected"] == 0
+    wide = TrainConfig(algorithm="grpo", steps=3, batch_size=1, select="spread")
+    assert len(build_units(wide, ids, cands, scores, anchors=anchors)[0]) == 3
+    dpo = TrainConfig(algorithm="dpo", steps=2, batch_size=1, select="spread")
+    units, _, counts = build_units(dpo, ids, cands, scores, anchors=anchors)
+    assert {u.prompt_id for u in units} == {"b"} and counts["unselected"] == 2
