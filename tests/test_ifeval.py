@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,16 @@ def test_answers_are_greedy_one_user_turn_per_prompt() -> None:
     out = ifeval_answers(Fake(), items, adapter=False, max_new_tokens=16, batch=2)
     assert out == ["answer 1", "answer 2", "answer 3"]
     assert calls == [(2, 1, 1, 0.0, 16, 2, False), (1, 1, 1, 0.0, 16, 2, False)]
+
+
+def test_ifeval_scores_the_listed_methods_and_their_variants() -> None:
+    """`--benchmark ifeval` scores IFEVAL_METHODS and their `@key=value` variants, so a tuned
+    default (e.g. sft+pu-grpo-adv@select=spread) gets its IFEval numbers too."""
+    from types import SimpleNamespace
+
+    from edge_pu.eval.runners import Benchmark
+    from edge_pu.eval.suite import IFEVAL_METHODS
+
+    b = Benchmark(SimpleNamespace(benchmark=""), Path("unused"), None, IFEVAL_METHODS)
+    assert b._scored("sft+pu-grpo-adv@lr=2e-4@select=spread") and b._scored("sft-best")
+    assert not b._scored("sft+oracle") and not b._scored("sft+oracle@lr=2e-4")

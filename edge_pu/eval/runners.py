@@ -260,11 +260,15 @@ class Benchmark:
     def _path(self, method: str, seed: int | None) -> Path:
         return self.out / (f"{method}.json" if seed is None else f"seed-{seed}-{method}.json")
 
+    def _scored(self, method: str) -> bool:
+        """IFEval scores IFEval_METHODS and their variants (`sft+pu-grpo-adv@lr=2e-4`)."""
+        return method.split("@")[0] in self.methods
+
     def wants(self, method: str, seed: int | None) -> bool:
-        return self.enabled and method in self.methods and not self._path(method, seed).exists()
+        return self.enabled and self._scored(method) and not self._path(method, seed).exists()
 
     def run(self, backend: Any, method: str, seed: int | None, *, adapter: bool) -> None:
-        if not self.enabled or method not in self.methods:
+        if not self.enabled or not self._scored(method):
             return
         path = self._path(method, seed)
         if not path.exists():
