@@ -118,10 +118,9 @@ class TrainConfig:
     anchor: str = "positive"  # positive: the anchor joins as the labelled best | none
     anchor_margin: float = 1.0  # the anchor's calibrated score above the best candidate
     advantage_norm: str = "pooled"  # pooled (round-level std of r) | group (per-group std)
-    # Which prompts the round trains on when the step budget (steps x batch_size units) covers
-    # fewer than the round has: all (a seeded shuffle of every prompt) | spread (the prompts
-    # whose finished candidates' calibrated scores spread the most: where the ranker sees a
-    # difference, not the prompts the student already answers the same way every time).
+    # Which prompts a round trains on: all | spread (only prompts whose candidates the ranker
+    # tells apart, and under a fixed step budget the widest-spread ones: not the prompts the
+    # student already answers the same way every time). edge_pu.train.select_prompts
     select: str = "all"
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0

@@ -127,23 +127,24 @@ def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]],
                    finished: dict[str, list[bool]], *, anchored: bool) -> set[str]:
     """The prompts a round trains on (`train.select`).
 
-    `all` keeps every prompt. `spread` spends a fixed step budget (train.steps > 0) where the
-    ranking says something: when the budget's units (steps x batch_size) are fewer than the
-    prompts' units, it keeps the prompts with the largest `group_spread` (ties: input order).
-    Under pooled calibration the spread is on one scale for every prompt, so a prompt the
-    student already answers the same way K times (spread ~0) gives way to one whose candidates
-    differ. A prompt gives one GRPO group, or for DPO best-worst one pair plus the anchor's.
+    `all` keeps every prompt. `spread` keeps the prompts whose candidates the ranker tells
+    apart (`group_spread` > 0: a prompt the student answers the same way K times has nothing
+    to rank, and its anchor-only unit would push the K copies down even when they are right),
+    and with a fixed step budget (train.steps > 0) whose units (steps x batch_size) are fewer
+    than those prompts' units, the ones with the largest spread (ties: input order). Under
+    pooled calibration the spread is on one scale for every prompt. A prompt gives one GRPO
+    group, or for DPO best-worst one pair plus the anchor's.
     """
-    if cfg.select == "all" or cfg.steps <= 0:
+    if cfg.select == "all":
         return set(cal)
+    spread = {pid: group_spread(v, finished[pid]) for pid, v in cal.items()}
+    order = sorted((pid for pid in cal if spread[pid] > 1e-12), key=lambda pid: -spread[pid])
+    if cfg.steps <= 0:
+        return set(order)
     per_prompt = 1 if cfg.algorithm == "grpo" else (
         (2 if anchored else 1) if cfg.pair_strategy == "best-worst" else 1)
     budget = math.ceil(cfg.steps * cfg.batch_size / per_prompt)
-    if budget >= len(cal):
-        return set(cal)
-    spread = {pid: group_spread(v, finished[pid]) for pid, v in cal.items()}
-    order = sorted(cal, key=lambda pid: -spread[pid])  # stable: ties keep input order
-    return set(order[:budget])
+    return set(order[:budget])  # sorted() is stable: ties keep input order
 
 
 def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,

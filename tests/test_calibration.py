@@ -101,8 +101,9 @@ def test_select_spread_spends_the_step_budget_on_the_prompts_the_ranker_tells_ap
     a = [1, 1, 1] (tied), b = [0, 2, 4] (population variance 8/3), c = [0, 1, 2] (2/3).
     Pooled S = sqrt((0 + 8/3 + 2/3) / 3) = sqrt(10/9) = 1.0541; spreads = sqrt(var) / S:
     a 0, b 1.5492, c 0.7746. `spread` keeps b and c and counts a as unselected; `all` keeps
-    all three; with a budget of 3 steps `spread` keeps all three too. For DPO best-worst with
-    the anchor a prompt gives 2 pairs, so 2 steps x 1 pair is a budget of 1 prompt: b."""
+    all three; with a budget of 3 steps, or none (epochs), `spread` still leaves the tied a
+    out. For DPO best-worst with the anchor a prompt gives 2 pairs, so 2 steps x 1 pair is a
+    budget of 1 prompt: b."""
     from edge_pu.train import group_spread
 
     scores = {"a": [1.0, 1.0, 1.0], "b": [0.0, 2.0, 4.0], "c": [0.0, 1.0, 2.0]}
@@ -121,8 +122,10 @@ def test_select_spread_spends_the_step_budget_on_the_prompts_the_ranker_tells_ap
     units, _, counts = build_units(TrainConfig(algorithm="grpo", steps=2, batch_size=1),
                                    ids, cands, scores, anchors=anchors)
     assert [u.prompt_id for u in units] == ["a", "b", "c"] and counts["unselected"] == 0
-    wide = TrainConfig(algorithm="grpo", steps=3, batch_size=1, select="spread")
-    assert len(build_units(wide, ids, cands, scores, anchors=anchors)[0]) == 3
+    for steps in (3, 0):
+        wide = TrainConfig(algorithm="grpo", steps=steps, batch_size=1, select="spread")
+        assert [u.prompt_id for u in build_units(wide, ids, cands, scores,
+                                                 anchors=anchors)[0]] == ["b", "c"]
     dpo = TrainConfig(algorithm="dpo", steps=2, batch_size=1, select="spread")
     units, _, counts = build_units(dpo, ids, cands, scores, anchors=anchors)
     assert {u.prompt_id for u in units} == {"b"} and counts["unselected"] == 2
