@@ -9,6 +9,9 @@ there is no traceback for those.
 Every command that writes a run dir (run, anchors, demo, eval's --out, export) holds its lock
 (edge_pu.lock) for as long as it runs, taken before anything is written; a second writer exits
 with code 3 naming the holder, or queues behind it with --wait.
+
+`torchrun --nproc-per-node N -m edge_pu run CONFIG.yaml` runs the same pipeline data-parallel
+(edge_pu.distributed): rank 0 holds the lock and prints; the other ranks print only errors.
 """
 
 from __future__ import annotations
@@ -56,14 +59,24 @@ def _locked(run_dir: str | Path, args: argparse.Namespace, *,
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed as dist
     from .config import load_config
     from .pipeline import run
 
     cfg = load_config(args.config, args.overrides)
-    with command_output(quiet=args.quiet, as_json=args.json), _locked(cfg.run_dir, args):
-        run(cfg, restart=args.restart)
-        _report_at_end(cfg.run_dir)
-    print_summary(run_summary(cfg.run_dir), as_json=args.json)
+    if dist.env_world().size > 1:  # started by torchrun: join its process group first
+        dist.init(cfg.backend)
+    main = dist.world().main
+    try:
+        with command_output(quiet=args.quiet or not main, as_json=args.json), \
+                dist.main_first(lambda: _locked(cfg.run_dir, args)):
+            run(cfg, restart=args.restart)
+            if main:
+                _report_at_end(cfg.run_dir)
+    finally:
+        dist.shutdown()
+    if main:
+        print_summary(run_summary(cfg.run_dir), as_json=args.json)
     return 0
 
 
@@ -135,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .planner import plan_command
 
-    return plan_command(args.config, args.overrides, device=args.device)
+    return plan_command(args.config, args.overrides, device=args.device, nproc=args.nproc)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -217,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predicted peak memory per stage; settings that fit")
     _add_config_args(p)
     p.add_argument("--device", default="", help="device profile to plan for, e.g. apple-m-16gb")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="plan one rank of a torchrun job of N processes on this host")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("export", help="merge the adapter and export, verified in the runtime")
     p.add_argument("run_dir", help="a finished run directory")
@@ -295,12 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_torchrun(command: str) -> None:
+    """Only `run` is data-parallel; any other command started by torchrun would run N times
+    over one run dir."""
+    from .distributed import env_world
+
+    if command != "run" and env_world().size > 1:
+        raise EdgePuError(f"edge-pu {command}: runs as one process; torchrun (WORLD_SIZE "
+                          f"{env_world().size}) is for `edge-pu run CONFIG.yaml`. Start "
+                          f"`edge-pu {command}` without torchrun.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["edge-pu", *argv])  # what a refused writer is told
     configure_logging()  # edge_pu's log on stderr; other packages' deprecation notices at debug
     try:
+        _check_torchrun(args.command)
         return int(args.func(args))
     except EdgePuError as exc:
         print(f"edge-pu: error: {exc}", file=sys.stderr)

@@ -9,6 +9,9 @@ Run dir layout (every JSONL is append-only and fsynced per record, so a killed r
   candidates.jsonl       {"round", "prompt_id", "k", "text", "token_ids", "finished"}
   scores.jsonl           {"round", "prompt_id", "mode", "scores": [K floats]}
   pairs.jsonl            {"round", "prompt_id", ...} DPO pairs or GRPO targets
+  candidates.rank-R.jsonl, scores.rank-R.jsonl
+                         what rank R of a torchrun job appended, until rank 0 merges it into
+                         the file above (edge_pu.distributed)
   metrics.jsonl          per optimizer step, plus one {"event": "round_end"} line per round
   report.html            the run report (edge_pu.report; `edge-pu report RUN_DIR`)
   state/sft/             the SFT stage's adapter (resume point; the PU stage's reference)
@@ -31,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from . import distributed as dist
 from .anchors import AnchorReport, AnchorStore
 from .config import RunConfig, config_to_dict, dump_config
 from .data import Prompt, check_prompt_lengths, load_data, prompt_ids
@@ -123,17 +127,29 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
     """K candidates per anchored prompt, drawn by `sampler` (default: the backend itself)."""
     sampler = sampler or backend
     path = run_dir / "candidates.jsonl"
-    # Keyed by candidate index, so a prompt resampled after a crash (same seed, same samples)
-    # replaces rather than duplicates what an interrupted write left behind.
-    have: dict[str, dict[int, dict]] = defaultdict(dict)
-    for rec in read_jsonl(path):
-        if rec["round"] == round_idx:
-            have[rec["prompt_id"]][rec["k"]] = rec
+    pos = {p.id: i for i, p in enumerate(prompts)}
+
+    def merge() -> None:  # what the ranks of a job (this one, or a killed one) appended
+        dist.merge_shards(path, key=lambda c: (c["round"], c["prompt_id"], c["k"]),
+                          order=lambda c: (c["round"], pos.get(c["prompt_id"], -1), c["k"]))
+
+    def read() -> dict[str, dict[int, dict]]:
+        # Keyed by candidate index, so a prompt resampled after a crash (same seed, same
+        # samples) replaces rather than duplicates what an interrupted write left behind.
+        have: dict[str, dict[int, dict]] = defaultdict(dict)
+        for rec in read_jsonl(path):
+            if rec["round"] == round_idx:
+                have[rec["prompt_id"]][rec["k"]] = rec
+        return have
+
+    merge()
+    have = read()
     todo = [p for p in prompts if p.id in anchored and len(have[p.id]) < cfg.sampling.k]
+    mine, out = dist.shard(todo), dist.shard_path(path)  # each prompt's seed is its own
     step = cfg.sampling.prompt_batch
-    with tqdm(total=len(todo), desc=f"sample r{round_idx}", unit="prompt") as bar:
-        for s in range(0, len(todo), step):
-            chunk = todo[s: s + step]
+    with tqdm(total=len(mine), desc=f"sample r{round_idx}", unit="prompt") as bar:
+        for s in range(0, len(mine), step):
+            chunk = mine[s: s + step]
             ids = [prompt_ids(backend, p) for p in chunk]
             seeds = [_seed(cfg.sampling.seed, round_idx, p.id) for p in chunk]
             for p, samples in zip(chunk, sampler.sample(ids, cfg.sampling.k, cfg.sampling,
@@ -141,9 +157,12 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
                 recs = [{"round": round_idx, "prompt_id": p.id, "k": j, "text": x.text,
                          "token_ids": x.token_ids, "finished": x.finished}
                         for j, x in enumerate(samples)]
-                append_jsonl(path, recs)  # a prompt's K candidates land together or not at all
+                append_jsonl(out, recs)  # a prompt's K candidates land together or not at all
                 have[p.id] = dict(enumerate(recs))
             bar.update(len(chunk))
+    if dist.world().size > 1:
+        merge()
+        have = read()
     return {p.id: [have[p.id][j] for j in sorted(have[p.id])] for p in prompts
             if p.id in anchored}
 
@@ -154,25 +173,40 @@ def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors
     from .rank import RANKERS, RankItem  # torch-free, but keeps `edge-pu anchors` light
 
     path = run_dir / "scores.jsonl"
+    pos = {pid: i for i, pid in enumerate(prompts)}
+
+    def merge() -> None:  # as in sample_round: one record per (round, prompt), prompt order
+        dist.merge_shards(path, key=lambda s: (s["round"], s["prompt_id"]),
+                          order=lambda s: (s["round"], pos.get(s["prompt_id"], -1)))
+
+    merge()
     scores = {r["prompt_id"]: r["scores"] for r in read_jsonl(path) if r["round"] == round_idx}
     ranker = RANKERS[cfg.ranker.mode]
-    todo = [pid for pid in cands if pid not in scores]
+    todo, out = dist.shard([pid for pid in cands if pid not in scores]), dist.shard_path(path)
     step = max(1, cfg.ranker.batch_size // cfg.sampling.k)
     for s in tqdm(range(0, len(todo), step), desc=f"rank r{round_idx}", unit="batch"):
         items = [RankItem(pid, prompts[pid], anchors[pid],
                           [c["token_ids"] for c in cands[pid]], [c["text"] for c in cands[pid]])
                  for pid in todo[s: s + step]]
         result = ranker(backend, items, cfg.ranker)
-        append_jsonl(path, [{"round": round_idx, "prompt_id": it.prompt_id,
-                             "mode": cfg.ranker.mode, "scores": sc}
-                            for it, sc in zip(items, result, strict=True)])
+        append_jsonl(out, [{"round": round_idx, "prompt_id": it.prompt_id,
+                            "mode": cfg.ranker.mode, "scores": sc}
+                           for it, sc in zip(items, result, strict=True)])
         scores.update({it.prompt_id: sc for it, sc in zip(items, result, strict=True)})
+    if dist.world().size > 1:
+        merge()
+        scores = {r["prompt_id"]: r["scores"] for r in read_jsonl(path)
+                  if r["round"] == round_idx}
     return scores
 
 
 def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunResult:
+    """The whole pipeline; in a torchrun job (edge_pu.distributed) every rank calls it, rank 0
+    writes the shared files and asks the teacher, and sampling, scoring and training are split
+    over the ranks."""
     t0 = time.time()
-    run_dir = prepare_run_dir(cfg, restart=restart)
+    main = dist.world().main
+    run_dir = dist.main_does(lambda: prepare_run_dir(cfg, restart=restart))
     print("[config] resolved:\n" + dump_config(cfg), flush=True)
     prompts = load_data(cfg.data)
     # The student is loaded and the prompts measured before the teacher is asked anything:
@@ -188,7 +222,9 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     check_prompt_lengths(prompts, [len(prompt_ids(backend, p)) for p in prompts],
                          max_length=cfg.student.max_length,
                          max_new_tokens=cfg.sampling.max_new_tokens, source=cfg.data.prompts)
-    result = RunResult(run_dir, anchors=run_anchors(cfg, prompts, run_dir))
+    # Rank 0 alone asks the teacher; the other ranks wait for it, then read anchors.jsonl.
+    result = RunResult(run_dir, anchors=dist.main_does(lambda: run_anchors(cfg, prompts,
+                                                                           run_dir)))
     identity = make_teacher(cfg.teacher).identity
     anchors = AnchorStore(run_dir).anchors_for(prompts, identity, cfg.teacher)
     if not anchors:
@@ -201,6 +237,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
 
         ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
         result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
+        dist.barrier()  # rank 0 has saved the SFT state
         if sampler is not None:  # round 1 samples from the SFT policy
             adapter = run_dir / "sampler" / "adapter-sft"
             backend.save_adapter(adapter)
@@ -222,13 +259,17 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                                         sampler))
         # Written beside, then renamed: a crash mid-save never leaves a half state that
         # looks complete.
-        tmp = state.with_name(state.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        backend.save_state(tmp)
-        shutil.rmtree(state, ignore_errors=True)
-        tmp.rename(state)
-    backend.save_adapter(run_dir / "adapter")
+        if main:
+            tmp = state.with_name(state.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            backend.save_state(tmp)
+            shutil.rmtree(state, ignore_errors=True)
+            tmp.rename(state)
+        dist.barrier()
     result.seconds = time.time() - t0
+    if not main:  # the adapter, summary and exports are rank 0's to write
+        return result
+    backend.save_adapter(run_dir / "adapter")
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
                "anchored": len(anchors), "teacher_requests_total":
                AnchorStore(run_dir).requests_made(), "sft": result.sft, "rounds": result.rounds}
@@ -250,6 +291,9 @@ def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
     """None (the backend samples), or the llama.cpp sampler over the student's GGUF."""
     if cfg.sampling.engine == "backend":
         return None
+    if dist.world().size > 1:
+        raise EdgePuError("sampling.engine: llama-cpp runs in one process; a torchrun job "
+                          "samples with the backend (use sampling.engine: backend).")
     if backend.name != "cpu":
         raise EdgePuError(f"sampling.engine: llama-cpp is the CPU backend's sampler; backend "
                           f"{backend.name} samples itself (use sampling.engine: backend).")
@@ -277,7 +321,8 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         anchors={pid: anchor_completion(backend, anchors[pid]) for pid in cands})
     tied = counts["tied"]
     path = run_dir / "pairs.jsonl"
-    if not any(rec["round"] == r for rec in read_jsonl(path)):
+    main = dist.world().main
+    if main and not any(rec["round"] == r for rec in read_jsonl(path)):
         append_jsonl(path, [{"round": r, **rec} for rec in records])
     spreads = [max(s) - min(s) for s in scores.values()]
     diag: dict[str, Any] = {
@@ -310,13 +355,14 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     # this round logged: the metrics then hold each step once.
     mpath = run_dir / "metrics.jsonl"
     kept = [m for m in read_jsonl(mpath) if m.get("round") != r]
-    if mpath.exists() and len(kept) != len(read_jsonl(mpath)):
+    if main and mpath.exists() and len(kept) != len(read_jsonl(mpath)):
         write_jsonl_atomic(mpath, kept)
     log: list[dict] = []
     bar = tqdm(desc=f"train r{r}", unit="step")
 
     def on_step(m: dict) -> None:
-        append_jsonl(run_dir / "metrics.jsonl", [m])
+        if main:
+            append_jsonl(run_dir / "metrics.jsonl", [m])
         log.append(m)
         bar.total = m["steps"]
         bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -335,7 +381,8 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         from .train import loss_config
 
         diag["advantage_std"] = loss_config(cfg.train, units).adv_std
-    append_jsonl(run_dir / "metrics.jsonl", [{"event": "round_end", **diag}])
+    if main:
+        append_jsonl(run_dir / "metrics.jsonl", [{"event": "round_end", **diag}])
     print(f"[round {r}] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in diag.items()), flush=True)
     return diag

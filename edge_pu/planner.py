@@ -1,6 +1,6 @@
 """Memory planner: predicted peak bytes of each stage of a run, and settings that fit a budget.
 
-    edge-pu plan CONFIG.yaml [--device NAME] [--set key=value ...]
+    edge-pu plan CONFIG.yaml [--device NAME] [--nproc N] [--set key=value ...]
 
 `plan(cfg, model_config, budget_bytes=...)` reads only the student's shape (config.json, or GGUF
 metadata through `read_model_shape`), never its weights, and imports no framework.
@@ -43,6 +43,10 @@ nh heads of width d, kv = n_kv_heads*d, V vocab, r LoRA rank, N rows in one forw
   layer's working set N*T*((3h + 3I) + T)*e and one logits chunk (two fp32 copies).
 - sampling: the KV cache 2*L*K*T*kv*e, the prefill's logits (T-C)*V*e, and one layer's cache
   being regrown by torch.cat.
+- data-parallel (torchrun, `--nproc N`; edge_pu.distributed): every rank holds the whole model,
+  adapter and optimizer and runs micro-batches of the configured size, so the table is per rank;
+  N ranks share one host's RAM on CPU (the budget is divided by the host's ranks), each has its
+  own GPU on CUDA. A step all-reduces the adapter's fp32 gradients: 4 bytes per LoRA parameter.
 """
 
 from __future__ import annotations
@@ -371,18 +375,29 @@ def budget_for(cfg: RunConfig, backend: str) -> tuple[int, str]:
     return devices.total_ram_bytes(), "this machine's total RAM"
 
 
+def rank_budget(budget: int, source: str, backend: str, host_ranks: int) -> tuple[int, str]:
+    """One rank's share of the budget: CPU ranks on one host share its memory; a CUDA rank
+    has a GPU of its own."""
+    if host_ranks <= 1 or backend != "cpu":
+        return budget, source
+    return budget // host_ranks, f"{source}, shared by {host_ranks} ranks"
+
+
 def check_fits(cfg: RunConfig, model_config_path: str | Path) -> None:
     """Refuse, with the numbers, a config whose predicted peak exceeds its memory budget.
 
     Reads only config.json (or the GGUF header); the device profile's limits are checked too.
+    In a torchrun job the budget is this rank's (`rank_budget`).
     """
+    from . import distributed as dist
+
     if cfg.device:
         from .devices import load_profile
 
         load_profile(cfg.device).check(cfg)
     shape = read_model_shape(model_config_path)
     backend = _backend(cfg)
-    budget, source = budget_for(cfg, backend)
+    budget, source = rank_budget(*budget_for(cfg, backend), backend, dist.world().local_size)
     if not budget:
         return
     p = plan(cfg, shape, budget_bytes=budget, backend=backend)
@@ -407,16 +422,49 @@ def model_config_path(student_path: str) -> Path:
     return path / "config.json" if path.is_dir() else path
 
 
-def plan_command(config: str, overrides: list[str], device: str = "") -> int:
+def data_parallel_lines(cfg: RunConfig, s: ModelShape, nproc: int, backend: str) -> list[str]:
+    """What `--nproc N` adds to the plan: each step's split over the ranks and the bytes
+    all-reduced per optimizer step."""
+    n_lora = lora_params(s, cfg.lora.target_modules, cfg.lora.r)
+    lines = [f"data-parallel over {nproc} ranks (torchrun --nproc-per-node {nproc}): every rank "
+             "holds the whole model, adapter and optimizer, so the table above is per rank"
+             + (f"; the {nproc} ranks of one host need {nproc} x its peak of RAM"
+                if backend == "cpu" else "; one GPU per rank")]
+    idle = []
+    for name, batch, micro in (("sft", cfg.sft.batch_size, cfg.sft.micro_batch),
+                               (cfg.train.algorithm, cfg.train.batch_size,
+                                cfg.train.micro_batch)):
+        if name == "sft" and not cfg.sft.enabled:
+            continue
+        m = -(-batch // micro)
+        lines.append(f"  {name} step: {batch} rows in {m} micro-batches of {micro}, dealt to "
+                     f"the ranks: up to {-(-m // nproc)} per rank per step")
+        if m < nproc:
+            idle.append(f"note: a {name} step has {m} micro-batches for {nproc} ranks, so "
+                        f"{nproc - m} ranks wait during its training; set "
+                        f"{'sft' if name == 'sft' else 'train'}.micro_batch <= "
+                        f"{max(1, batch // nproc)} to give each rank one")
+    lines.append(f"  sampling and scoring: every {nproc}th prompt per rank; the anchors are "
+                 "rank 0's alone (one teacher call per prompt)")
+    lines.append(f"  all-reduced per optimizer step: {n_lora:,} LoRA parameters x 4 bytes "
+                 f"(fp32 gradients) = {4 * n_lora / MIB:.1f} MiB (a ring all-reduce sends and "
+                 f"receives 2(N-1)/N of it per rank)")
+    return lines + idle
+
+
+def plan_command(config: str, overrides: list[str], device: str = "", nproc: int = 1) -> int:
     """`edge-pu plan`: print the per-stage table and the choices; 0 if the config as given
-    fits its budget, 1 if not (the output says which --set changes make it fit, if any)."""
+    fits its budget, 1 if not (the output says which --set changes make it fit, if any).
+    `nproc` > 1 plans one rank of a torchrun job of that many processes on this host."""
     from .config import load_config
     from .devices import detect_profile, load_profile
 
+    if nproc < 1:
+        raise EdgePuError(f"--nproc {nproc}: the number of processes must be at least 1.")
     cfg = load_config(config, [*overrides, *([f"device={device}"] if device else [])])
     shape = read_model_shape(model_config_path(cfg.student.path))
     backend = _backend(cfg)
-    budget, source = budget_for(cfg, backend)
+    budget, source = rank_budget(*budget_for(cfg, backend), backend, nproc)
     print(f"student: {cfg.student.path} ({shape.arch or 'decoder'}, "
           f"{shape.param_count() / 1e6:.1f}M params, {cfg.student.dtype}, quant "
           f"{cfg.student.quant}); backend {backend}; budget {budget / GIB:.2f} GiB from {source}")
@@ -434,6 +482,8 @@ def plan_command(config: str, overrides: list[str], device: str = "") -> int:
           f"{'on' if st.gradient_checkpointing else 'off'}; scoring batch "
           f"{st.rank_batch}; {st.k_chunk} of K={cfg.sampling.k} candidates sampled at once\n")
     print(p.table() + "\n")
+    if nproc > 1:
+        print("\n".join(data_parallel_lines(cfg, shape, nproc, backend)) + "\n")
     for note in (*bad, *p.notes):
         print(f"note: {note}")
     if p.given_fits and not bad:

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from . import distributed as dist
 from .algo.losses import LossConfig, LossInputs, LossOutput
 from .backends.base import TrainBatch
 from .config import RunConfig, TrainConfig
@@ -97,8 +98,12 @@ def train_sft(backend: Any, prompt_ids: dict[str, list[int]], anchors: dict[str,
 
 def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
             anchors: dict[str, str], run_dir: Path) -> dict[str, Any]:
-    """Train (or resume) the SFT stage; returns its diagnostics. See the module docstring."""
+    """Train (or resume) the SFT stage; returns its diagnostics. See the module docstring.
+
+    In a torchrun job every rank trains (each step's micro-batches split over the ranks by the
+    backend) and rank 0 alone writes the metrics and the state."""
     state = run_dir / "state" / "sft"
+    main = dist.world().main
     mpath = run_dir / "metrics.jsonl"
     if (state / "COMPLETE").exists():
         backend.load_adapter(state / "adapter")
@@ -109,7 +114,7 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
         return {k: v for k, v in (done[-1] if done else {}).items() if k != "event"}
     kept = [m for m in read_jsonl(mpath) if m.get("stage") != "sft"
             and m.get("event") != "sft_end"]
-    if mpath.exists() and len(kept) != len(read_jsonl(mpath)):
+    if main and mpath.exists() and len(kept) != len(read_jsonl(mpath)):
         write_jsonl_atomic(mpath, kept)  # an interrupted attempt's steps are logged once
     completions = {pid: anchor_completion(backend, a) for pid, a in anchors.items()}
     tcfg = sft_train_config(cfg, len(completions))
@@ -120,7 +125,8 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
     bar = tqdm(total=tcfg.steps, desc="sft", unit="step")
 
     def on_step(m: dict) -> None:
-        append_jsonl(mpath, [m])
+        if main:
+            append_jsonl(mpath, [m])
         losses.append(m["loss"])
         bar.set_postfix(loss=f"{m['loss']:.4f}")
         bar.update(1)
@@ -128,16 +134,18 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
     train_sft(backend, prompt_ids, completions, tcfg, rows_per_step=tcfg.batch_size,
               micro_rows=tcfg.micro_batch, on_step=on_step)
     bar.close()
-    tmp = state.with_name("sft.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    backend.save_adapter(tmp / "adapter")
-    write_atomic(tmp / "COMPLETE", "ok\n")
-    shutil.rmtree(state, ignore_errors=True)
-    tmp.rename(state)
+    if main:
+        tmp = state.with_name("sft.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        backend.save_adapter(tmp / "adapter")
+        write_atomic(tmp / "COMPLETE", "ok\n")
+        shutil.rmtree(state, ignore_errors=True)
+        tmp.rename(state)
     backend.set_reference()
     backend.reset_optimizer(cfg.train)
     diag = {"stage": "sft", "steps": tcfg.steps, "anchors": len(completions),
             "loss_first": losses[0], "loss_last": losses[-1]}
-    append_jsonl(mpath, [{"event": "sft_end", **diag}])
+    if main:
+        append_jsonl(mpath, [{"event": "sft_end", **diag}])
     print(f"[sft] done: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     return diag

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import distributed as dist
 from ..algo.losses import LossInputs
 from ..config import RunConfig, SamplingConfig, TrainConfig
 from ..errors import EdgePuError
@@ -397,12 +398,16 @@ class TorchBackend:
 
     def train_step(self, micro_batches: Sequence[TrainBatch], loss_fn: Callable[..., Any],
                    loss_cfg: Any) -> dict[str, float]:
+        """One optimizer step over the micro-batches (gradient accumulation, each weighted by
+        its share of the step). In a torchrun job each rank runs every world-size-th
+        micro-batch and the gradients and metrics are summed over the ranks before the
+        clipping and the step, so every rank takes the single-process step."""
         self._ensure_optimizer()
         assert self.optimizer is not None and self.scheduler is not None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for mb in micro_batches:
+        for mb in dist.shard(micro_batches):
             token_logp, mask = self._token_logp(mb.prompt_ids, mb.completion_ids)
             dev = self.device
             ref = _pad(mb.ref_token_logp).to(dev)[:, : mask.shape[1]]
@@ -418,6 +423,8 @@ class TorchBackend:
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * mb.weight
         params = [p for p in self.model.parameters() if p.requires_grad]
+        dist.all_reduce_grads(params)
+        totals = dist.sum_metrics(totals)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
