@@ -70,7 +70,7 @@ def env_world() -> World:
         return World()
     try:
         rank, size, local = (int(os.environ[k]) for k in ENV)
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     except ValueError:
         raise EdgePuError(f"environment: {', '.join(ENV)} must be integers (torchrun sets "
                           "them); unset them for a single-process run.") from None
