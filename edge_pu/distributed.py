@@ -1,8 +1,8 @@
 """Data-parallel runs over torch.distributed: `torchrun --nproc-per-node N -m edge_pu run CFG`.
 
 torchrun starts N copies of `edge-pu run` with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT in their environment; `init(cfg)` joins them into one process group,
-Gloo for the CPU backend and NCCL for CUDA (each rank on GPU LOCAL_RANK). Without those
+MASTER_ADDR and MASTER_PORT in their environment; `init(backend)` joins them into one process
+group, Gloo for the CPU backend and NCCL for CUDA (each rank on GPU LOCAL_RANK). Without those
 variables (a plain `edge-pu run`) every helper here is the single-process no-op, rank 0 of 1,
 so the pipeline calls them unconditionally.
 
@@ -19,8 +19,19 @@ What the ranks share (edge_pu.pipeline, edge_pu.sft, the torch backend's train_s
 - training: every rank holds the same adapter and optimizer state. Each optimizer step's
   micro-batches (exactly the single-process ones) are dealt round-robin; a rank backpropagates
   its own with their step-wide weights and the adapter's gradients are summed over the ranks
-  (`all_reduce_sum`) before clipping and the AdamW step: the same step as one process, up to the
-  order of the float additions. The global batch is the config's; N only divides the work.
+  (`all_reduce_grads`) before clipping and the AdamW step: the same step as one process, up to
+  the order of the float additions. The global batch is the config's; N only divides the work,
+  so a step with fewer micro-batches than ranks leaves some ranks waiting (`edge-pu plan --nproc
+  N` says so).
+
+Not split (every rank does all of it, as one process would): loading the student, the
+reference and sampling-policy log-probs before a round's training (edge_pu.train.
+attach_logprobs) and the diagnostics after it. FIXME: attach_logprobs (one or two no-grad
+passes over every row of the round) could be sharded and all-gathered like the scores.
+LoRA dropout > 0 draws its masks from each rank's own generator, so with dropout the adapter
+depends on N beyond float noise. Collectives time out after EDGE_PU_DIST_TIMEOUT_S (default
+24 h: the other ranks wait while rank 0 asks the teacher; `edge-pu anchors CONFIG` beforehand
+takes that wait out of the job).
 """
 
 from __future__ import annotations
