@@ -427,20 +427,21 @@ def data_parallel_lines(cfg: RunConfig, s: ModelShape, nproc: int, backend: str)
     all-reduced per optimizer step."""
     n_lora = lora_params(s, cfg.lora.target_modules, cfg.lora.r)
     lines = [f"data-parallel over {nproc} ranks (torchrun --nproc-per-node {nproc}): every rank "
-             "holds the whole model, adapter and optimizer, so the table above is per rank"
+             "holds the whole model,\n  adapter and optimizer, so the table above is per rank"
              + (f"; the {nproc} ranks of one host need {nproc} x its peak of RAM"
                 if backend == "cpu" else "; one GPU per rank")]
     idle = []
-    for name, batch, micro in (("sft", cfg.sft.batch_size, cfg.sft.micro_batch),
-                               (cfg.train.algorithm, cfg.train.batch_size,
-                                cfg.train.micro_batch)):
+    unit = "pairs" if cfg.train.algorithm == "dpo" else "groups"
+    for name, batch, micro, what in (
+            ("sft", cfg.sft.batch_size, cfg.sft.micro_batch, "anchors"),
+            (cfg.train.algorithm, cfg.train.batch_size, cfg.train.micro_batch, unit)):
         if name == "sft" and not cfg.sft.enabled:
             continue
         m = -(-batch // micro)
-        lines.append(f"  {name} step: {batch} rows in {m} micro-batches of {micro}, dealt to "
-                     f"the ranks: up to {-(-m // nproc)} per rank per step")
+        lines.append(f"  {name} step: {batch} {what} in {m} micro-batch(es) of {micro}, dealt "
+                     f"to the ranks: up to {-(-m // nproc)} per rank per step")
         if m < nproc:
-            idle.append(f"note: a {name} step has {m} micro-batches for {nproc} ranks, so "
+            idle.append(f"note: a {name} step has {m} micro-batch(es) for {nproc} ranks, so "
                         f"{nproc - m} ranks wait during its training; set "
                         f"{'sft' if name == 'sft' else 'train'}.micro_batch <= "
                         f"{max(1, batch // nproc)} to give each rank one")

@@ -252,9 +252,10 @@ def test_plan_nproc_per_rank_and_all_reduce_bytes(tiny_llama_dir: Path, tmp_path
     out = capsys.readouterr().out
     assert "shared by 2 ranks" in out
     assert "32,768 LoRA parameters x 4 bytes (fp32 gradients) = 0.1 MiB" in out
-    assert "sft step: 4 rows in 4 micro-batches of 1, dealt to the ranks: up to 2" in out
+    assert "sft step: 4 anchors in 4 micro-batch(es) of 1, dealt to the ranks: up to 2" in out
     assert main(["plan", str(cfg), "--nproc", "4", "--set", "train.micro_batch=2"]) == 0
-    assert "grpo step has 1 micro-batches for 4 ranks" in capsys.readouterr().out
+    assert "grpo step has 1 micro-batch(es) for 4 ranks, so 3 ranks wait" in \
+        capsys.readouterr().out
     assert main(["plan", str(cfg), "--nproc", "0"]) == 2
 
 
