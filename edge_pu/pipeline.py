@@ -92,6 +92,8 @@ def prepare_run_dir(cfg: RunConfig, *, restart: bool = False) -> Path:
         for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl", "metrics.jsonl",
                      "summary.json"):
             (run_dir / name).unlink(missing_ok=True)
+        for shard in run_dir.glob("*.rank-*.jsonl"):  # a killed torchrun job's, unmerged
+            shard.unlink()
         shutil.rmtree(run_dir / "state", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, dump_config(cfg))

@@ -289,3 +289,16 @@ def test_commands_other_than_run_refuse_torchrun(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv(key, value)
     assert main(["doctor"]) == 2
     assert "edge-pu doctor: runs as one process" in capsys.readouterr().err
+
+
+def test_restart_drops_unmerged_shards(tmp_path: Path) -> None:
+    """--restart redoes sampling: a killed job's shard files must not come back at the merge."""
+    from edge_pu.config import RunConfig
+    from edge_pu.pipeline import prepare_run_dir
+
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    run_dir = prepare_run_dir(cfg)
+    append_jsonl(run_dir / "candidates.rank-1.jsonl", [{"round": 1, "prompt_id": "p0", "k": 0}])
+    append_jsonl(run_dir / "anchors.jsonl", [{"key": "x"}])
+    prepare_run_dir(cfg, restart=True)
+    assert not list(run_dir.glob("*.rank-*")) and (run_dir / "anchors.jsonl").exists()
