@@ -121,7 +121,7 @@ class TrainConfig:
     # Which prompts a round trains on: all | spread (only prompts whose candidates the ranker
     # tells apart, and under a fixed step budget the widest-spread ones: not the prompts the
     # student already answers the same way every time). edge_pu.train.select_prompts
-    select: str = "all"
+    select: str = "spread"
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0
     batch_size: int = 4  # pairs (DPO) or groups (GRPO) per optimizer step

@@ -74,7 +74,7 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
     counts = {"tied": 0, "unfinished": sum(not f for fs in finished.values() for f in fs),
               "dropped": sum(v is None for vs in cal.values() for v in vs), "anchor_units": 0,
               "unselected": 0}
-    chosen = select_prompts(cfg, cal, finished, anchored=use_anchor)
+    chosen = select_prompts(cfg, cal, anchored=use_anchor)
     counts["unselected"] = len(cal) - len(chosen)
     for pid, raw in cal.items():
         if pid not in chosen:
@@ -111,20 +111,19 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
     return units, records, counts
 
 
-def group_spread(cal: Sequence[float | None], finished: Sequence[bool]) -> float:
-    """Population std of a group's calibrated scores over its finished candidates (all of
-    them when none finished): how much the ranker tells this prompt's candidates apart."""
-    vals = [v for v, f in zip(cal, finished, strict=True) if f and v is not None]
-    if not any(finished):
-        vals = [v for v in cal if v is not None]
+def group_spread(cal: Sequence[float | None]) -> float:
+    """Population std of a group's calibrated scores (unfinished candidates at the place the
+    `unfinished` rule gave them, dropped ones left out): how much the training signal tells
+    this prompt's candidates apart."""
+    vals = [v for v in cal if v is not None]
     if len(vals) < 2:
         return 0.0
     m = sum(vals) / len(vals)
     return math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
 
 
-def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]],
-                   finished: dict[str, list[bool]], *, anchored: bool) -> set[str]:
+def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]], *,
+                   anchored: bool) -> set[str]:
     """The prompts a round trains on (`train.select`).
 
     `all` keeps every prompt. `spread` keeps the prompts whose candidates the ranker tells
@@ -137,7 +136,7 @@ def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]],
     """
     if cfg.select == "all":
         return set(cal)
-    spread = {pid: group_spread(v, finished[pid]) for pid, v in cal.items()}
+    spread = {pid: group_spread(v) for pid, v in cal.items()}
     order = sorted((pid for pid in cal if spread[pid] > 1e-12), key=lambda pid: -spread[pid])
     if cfg.steps <= 0:
         return set(order)

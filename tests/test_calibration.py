@@ -113,14 +113,15 @@ def test_select_spread_spends_the_step_budget_on_the_prompts_the_ranker_tells_ap
     cal = group_scores(scores, {p: [True] * 3 for p in scores}, calibration="pooled",
                        unfinished="below")
     s = math.sqrt(10 / 9)
-    assert group_spread(cal["b"], [True] * 3) == pytest.approx(math.sqrt(8 / 3) / s)
-    assert group_spread(cal["c"], [True] * 3) == pytest.approx(math.sqrt(2 / 3) / s)
-    assert group_spread(cal["a"], [True] * 3) == 0.0
+    assert group_spread(cal["b"]) == pytest.approx(math.sqrt(8 / 3) / s)
+    assert group_spread(cal["c"]) == pytest.approx(math.sqrt(2 / 3) / s)
+    assert group_spread(cal["a"]) == 0.0
     cfg = TrainConfig(algorithm="grpo", steps=2, batch_size=1, select="spread")
     units, _, counts = build_units(cfg, ids, cands, scores, anchors=anchors)
     assert [u.prompt_id for u in units] == ["b", "c"] and counts["unselected"] == 1
-    units, _, counts = build_units(TrainConfig(algorithm="grpo", steps=2, batch_size=1),
-                                   ids, cands, scores, anchors=anchors)
+    units, _, counts = build_units(TrainConfig(algorithm="grpo", steps=2, batch_size=1,
+                                               select="all"), ids, cands, scores,
+                                   anchors=anchors)
     assert [u.prompt_id for u in units] == ["a", "b", "c"] and counts["unselected"] == 0
     for steps in (3, 0):
         wide = TrainConfig(algorithm="grpo", steps=steps, batch_size=1, select="spread")

@@ -117,20 +117,33 @@ def test_rerun_makes_zero_teacher_calls(dpo_run) -> None:
 
 
 def _margin_top_vs_bottom(backend, cfg, run_dir: Path, round_idx: int) -> float:
-    """Mean over prompts of [log-ratio(top-ranked) - log-ratio(bottom-ranked)], mean-token."""
+    """Mean over the prompts the round trained on (pairs.jsonl: train.select may leave some
+    out) of [log-ratio(top) - log-ratio(bottom)], mean-token, top and bottom as the training
+    signal ordered them (DPO: the candidate pair; GRPO: the largest and smallest target share
+    among the sampled rows, the anchor row left out)."""
+    from edge_pu.train import ANCHOR
+
     cands = {}
     for c in read_jsonl(run_dir / "candidates.jsonl"):
         if c["round"] == round_idx:
             cands.setdefault(c["prompt_id"], {})[c["k"]] = c["token_ids"]
     prompts = {f"p{i}": p for i, p in enumerate(PROMPTS)}
     gaps = []
-    for s in read_jsonl(run_dir / "scores.jsonl"):
-        if s["round"] != round_idx or max(s["scores"]) == min(s["scores"]):
+    for rec in read_jsonl(run_dir / "pairs.jsonl"):
+        if rec["round"] != round_idx:
             continue
-        top = max(range(len(s["scores"])), key=s["scores"].__getitem__)
-        bot = min(range(len(s["scores"])), key=s["scores"].__getitem__)
-        ids = backend.chat_ids([{"role": "user", "content": prompts[s["prompt_id"]]}])
-        comps = [cands[s["prompt_id"]][top], cands[s["prompt_id"]][bot]]
+        if "chosen" in rec:
+            if ANCHOR in (rec["chosen"], rec["rejected"]):
+                continue
+            top, bot = rec["chosen"], rec["rejected"]
+        else:
+            rows = [(t, j) for j, t in zip(rec["rows"], rec["target"], strict=True)
+                    if j != ANCHOR]
+            if max(rows)[0] == min(rows)[0]:
+                continue
+            top, bot = max(rows)[1], min(rows)[1]
+        ids = backend.chat_ids([{"role": "user", "content": prompts[rec["prompt_id"]]}])
+        comps = [cands[rec["prompt_id"]][top], cands[rec["prompt_id"]][bot]]
         pol = backend.logprobs([ids, ids], comps, adapter=True)
         ref = backend.logprobs([ids, ids], comps, adapter=False)
         ratio = [(sum(p) - sum(r)) / max(1, len(p)) for p, r in zip(pol, ref, strict=True)]
