@@ -16,7 +16,8 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | sft-best             | sft-best | NLL of the anchors, steps chosen on the validation split       |
 | sft-stage1           | sft-stage1 | NLL of the anchors, N - pu_steps steps: the two-stage start  |
 | sft+pu-grpo-adv      | two      | SFT, then LDL-GRPO `advantage` on anchor-conditioned           |
-|                      |          | self-ranking (ranker.mode): the library default                |
+|                      |          | self-ranking (ranker.mode), the PU steps spent on the prompts  |
+|                      |          | the ranking tells apart (train.select): the library default    |
 | sft+pu-dpo           | two      | SFT, then DPO on the same ranking                              |
 | sft+pu-grpo-dist     | two      | SFT, then LDL-GRPO `distribution` on the same ranking          |
 | sft+oracle           | two      | SFT, then GRPO-adv on the checker's quality: the ceiling of    |
@@ -35,8 +36,9 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | pu-dpo ...           | pipeline | single-stage: PU from the untrained student (as before)        |
 
 Any PU method takes train.* settings of its own as a variant, `name@key=value[@...]`
-(`method_named`), e.g. `sft+oracle@lr=5e-4`: settings are compared in one eval folder, on the
-same SFT path and candidates (choose them with `edge-pu eval --tune`, on the validation split).
+(`method_named`), e.g. `sft+oracle@lr=5e-4` or `sft+pu-grpo-adv@select=all` (every prompt, the
+old rule): settings are compared in one eval folder, on the same SFT path and candidates
+(choose them with `edge-pu eval --tune`, on the validation split).
 """
 
 from __future__ import annotations
