@@ -30,6 +30,10 @@ class StudentConfig:
     # name `edge-pu fetch` knows (qwen-0.5b, ...): its verified file in the cache
     dtype: str = "float32"  # float32 | bfloat16 (compute dtype of the trained weights)
     quant: str = "none"  # none | nf4 (bitsandbytes) | mlx-affine-4 ; GGUF inputs add gguf:<type>
+    # "" keeps the student's own weights; q8_0 (q4_0, f16) re-quantizes them once into that GGUF
+    # type and trains on its dequantization, so the llama.cpp engine samples the same weights
+    # with its batched kernels (Q4_1 has none on AVX2). edge_pu.quant.imported; bench/README.md
+    import_as: str = ""
     trust_remote_code: bool = False
     max_length: int = 512  # prompt + completion tokens the student may see
 
@@ -192,6 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.select": ("all", "spread"),
     "student.dtype": ("float32", "bfloat16"),
     "student.quant": ("none", "nf4", "mlx-affine-4"),
+    "student.import_as": ("", "q8_0", "q4_0", "f16"),
     "backend": ("auto", "cpu", "cuda", "mlx"),
 }
 POSITIVE = ("sampling.k", "sampling.max_new_tokens", "sampling.prompt_batch", "train.batch_size",
@@ -454,6 +459,10 @@ def validate(cfg: RunConfig) -> None:
         raise EdgePuError("config: train.unfinished: drop would give GRPO groups of unequal "
                           "size; use below (unfinished candidates get the lowest scores) or "
                           "train.algorithm: dpo.")
+    if cfg.student.import_as and cfg.student.quant != "none":
+        raise EdgePuError(f"config: student.import_as {cfg.student.import_as} and student.quant "
+                          f"{cfg.student.quant} both choose the weights training sees; use "
+                          "one of them.")
     _validate_teacher(cfg.teacher)
 
 

@@ -115,8 +115,10 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
         from .export import export as export_artifact
 
         report["exports"] = {}
+        # The weights the adapter was trained on: an imported student's are its dequantization.
+        base_weights = str(backend.student_dir) if cfg.student.import_as else cfg.student.path
         for fmt, quant in (("gguf", "q8_0"), ("onnx", None)):
-            gate = export_artifact((cfg.student.path, out / "adapter"), fmt,
+            gate = export_artifact((base_weights, out / "adapter"), fmt,
                                    out / "export" / fmt, quant=quant,
                                    prompts=[t.prompt for t in heldout],
                                    n_greedy=EVAL_MAX_NEW_TOKENS)

@@ -50,6 +50,10 @@ def export_run(run_dir: str | Path, fmt: str, *, quant: str | None = None,
         from .quant.student import resolve_student
 
         student = str(nf4_base_dir(resolve_student(student)[0]))
+    elif student_cfg.get("import_as"):  # the re-quantized student's dequantized weights
+        from .quant.student import resolve_student
+
+        student = str(resolve_student(student, student_cfg["import_as"])[0])
     out = run_dir / "export" / (fmt if not quant else f"{fmt}-{quant}")
     if not force and _passed_and_fresh(out, adapter):
         print(f"[export] {fmt}: already verified in {out}", flush=True)

@@ -7,7 +7,10 @@ weights training sees:
   - a `.gguf` student is sampled from that very file (training uses its dequantized weights,
     so both read the same numbers; llama.cpp quantizes activations inside its q4/q8 dot
     products, which moves logits by a few hundredths);
-  - an HF-folder student is written once as an f32 GGUF into the cache (exact).
+  - an HF-folder student is written once as an f32 GGUF into the cache (exact);
+  - with `student.import_as: q8_0` either is re-quantized once to a q8_0 GGUF, which has
+    batched kernels where Q4_1 has none on AVX2, and training uses *that* file's dequantized
+    weights (edge_pu.quant.imported): sampled from the q8_0 file itself.
 
 After each round the trained adapter is written as a GGUF LoRA (edge_pu.export.lora_gguf) and
 the model is reloaded with it, so round r+1 samples from the policy round r produced.
@@ -63,7 +66,13 @@ def draw(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
 
 
 def student_gguf(student_path: str, student_dir: Path) -> Path:
-    """The GGUF llama.cpp samples from: the student's own file, else an f32 copy in the cache."""
+    """The GGUF llama.cpp samples from: the file an imported student (`student.import_as`) was
+    dequantized from, else the student's own file, else an f32 copy in the cache."""
+    from ..quant.imported import imported_gguf
+
+    imported = imported_gguf(student_dir)
+    if imported is not None:
+        return imported
     src = Path(student_path).expanduser()
     if src.is_file() and src.suffix == ".gguf":
         return src

@@ -74,7 +74,8 @@ class MLXBackend:
         from ..quant.student import resolve_student
 
         self.cfg = cfg
-        self.student_dir, source_quant = resolve_student(cfg.student.path)
+        self.student_dir, source_quant = resolve_student(cfg.student.path,
+                                                         cfg.student.import_as)
         trust = cfg.student.trust_remote_code
         try:
             self.tok = AutoTokenizer.from_pretrained(self.student_dir, trust_remote_code=trust)

@@ -68,7 +68,8 @@ class TorchBackend:
             if threshold:
                 pin_cpu_allocator(threshold)
         self.cfg = cfg
-        self.student_dir, source_quant = resolve_student(cfg.student.path)
+        self.student_dir, source_quant = resolve_student(cfg.student.path,
+                                                         cfg.student.import_as)
         dtype = getattr(torch, cfg.student.dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
                                   "trust_remote_code": cfg.student.trust_remote_code}

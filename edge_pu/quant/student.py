@@ -44,8 +44,15 @@ def gguf_file_type(path: Path) -> str:
     return f"gguf:{name}"
 
 
-def resolve_student(path_str: str) -> tuple[Path, str]:
-    """Return (HF model dir, source quant format)."""
+def resolve_student(path_str: str, import_as: str = "") -> tuple[Path, str]:
+    """Return (HF model dir, source quant format). With `import_as` (student.import_as, e.g.
+    q8_0) the dir holds the dequantized weights of the student re-quantized to that GGUF type
+    (edge_pu.quant.imported), and the format is that type."""
+    if import_as:
+        from .imported import check_import_format, import_student
+
+        fmt = check_import_format(import_as)
+        return import_student(resolve_student(path_str)[0], fmt)[1], f"gguf:{fmt}"
     if not path_str:
         raise EdgePuError("config: student.path is not set; give an HF model folder or a .gguf.")
     path = Path(path_str).expanduser()
