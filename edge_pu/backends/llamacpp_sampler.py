@@ -140,7 +140,8 @@ class LlamaCppSampler:
         ll.llama_context_default_params = params
         try:
             self.llm = Llama(model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx,
-                             n_threads=_threads(), seed=0, verbose=False, **kwargs)
+                             n_threads=_threads(), n_threads_batch=_threads(), seed=0,
+                             verbose=False, **kwargs)
         finally:
             ll.llama_context_default_params = defaults
         self.k, self.prompts, self.n_vocab = k, prompts, self.llm.n_vocab()
@@ -239,7 +240,9 @@ def _group_size(prompt_batch: int, k: int) -> int:
 
 
 def _threads() -> int:
-    """As many threads as torch uses (OMP_NUM_THREADS or torch.set_num_threads decide)."""
+    """As many threads as torch uses (OMP_NUM_THREADS or torch.set_num_threads decide), for
+    batched decodes too: llama-cpp-python's n_threads_batch otherwise takes every core, and the
+    sampler's decodes are all batches (K rows and more)."""
     import torch
 
     return max(1, torch.get_num_threads())
