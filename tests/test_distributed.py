@@ -3,8 +3,8 @@
 The slow test runs the same config on a tiny Llama three ways, each a real process tree started
 with `python -m torch.distributed.run`: one process (the reference), two ranks, and two ranks that
 are SIGKILLed (rank 1 alone mid-sampling, then the whole job mid-scoring) and finished with one
-process. All three must hold the same candidates token for token, the same scores and an adapter
-equal within float noise, with one teacher request per prompt. The fast tests cover the shard
+process. All three must hold the same candidates token for token, scores within 1e-4, an adapter
+within ADAPTER_REL_TOL (below) and one teacher request per prompt. The fast tests cover the shard
 merge, the environment check, the job-wide lock refusal and the planner's per-rank numbers.
 """
 
