@@ -2,7 +2,7 @@
 
     python bench/sampling.py [--model smollm2|qwen2.5-0.5b|qwen2.5-1.5b|DIR] [--device cpu|cuda]
         [--prompts 4] [--k 4] [--max-new-tokens 48] [--top-p 1.0] [--repeats 2] [--rounds 2]
-        [--threads 1] [--dtype float32|bfloat16] [--json OUT.json]
+        [--threads 1] [--dtype float32|bfloat16] [--llamacpp] [--import-as q8_0] [--json OUT.json]
 
 Both engines sample from the same model object (the student edge_pu loads: base + a fresh LoRA
 adapter, adapter on), the same prompts (chat-templated task-suite prompts), the same K,
@@ -17,7 +17,12 @@ Reported per engine: median tokens/s over all timed runs (generated tokens only)
 sampling memory: the peak RSS during a run (high-water mark reset per run) minus the RSS right
 after the model was loaded (on CUDA: torch.cuda.max_memory_allocated during the run). The
 ratio line is edge_pu / HF from the same invocation, engines interleaved round by round so
-that machine load drifts hit both.
+that machine load drifts hit both. Each run also records its process CPU time: on a machine
+other jobs load, tokens per CPU-second at `--threads 1` still compare the engines' work.
+
+`--llamacpp` adds `sampling.engine: llama-cpp` on the student's own GGUF (Q4_1 for smollm2);
+`--import-as q8_0` adds it on the student imported as q8_0 (`student.import_as`: the file whose
+dequantized weights training then uses).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,34 +90,43 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=backend.pad_id)
         return int((out.shape[1] - width) * out.shape[0])
 
-    def llamacpp(n_new: int) -> int:
+    def llamacpp(n_new: int) -> int:  # also the imported engine: same sampler, other file
         sampler.eos_ids = set()  # bench only, as for edge_pu above
         scfg = SamplingConfig(k=k, max_new_tokens=n_new, temperature=1.0, top_p=top_p)
         out = sampler.sample(prompts, k, scfg, list(range(len(prompts))))
         return sum(len(s.token_ids) for row in out for s in row)
 
-    if spec["engine"] == "edge_pu-llamacpp":
+    if spec["engine"].startswith("edge_pu-llamacpp"):
         import tempfile
 
         from edge_pu.backends.llamacpp_sampler import LlamaCppSampler
+        from edge_pu.quant.student import resolve_student
 
-        cfg = load_config(None, base={**base, "student": {"path": spec["student_path"]}})
-        sampler = LlamaCppSampler(cfg, backend.student_dir, Path(tempfile.mkdtemp()),
+        imp = spec["engine"].removeprefix("edge_pu-llamacpp").removeprefix("-")
+        cfg = load_config(None, base={**base, "student": {"path": spec["student_path"],
+                                                          "import_as": imp}})
+        student_dir = resolve_student(spec["student_path"], imp)[0] if imp else \
+            backend.student_dir
+        sampler = LlamaCppSampler(cfg, student_dir, Path(tempfile.mkdtemp()),
                                   backend.eos_ids, backend.decode)
         loaded = rss_bytes() / 2**20
-    run = {"edge_pu": edge_pu, "hf": hf, "edge_pu-llamacpp": llamacpp}[spec["engine"]]
+    run = edge_pu if spec["engine"] == "edge_pu" else hf if spec["engine"] == "hf" else llamacpp
     run(4)  # warm-up: first-call allocations and kernel selection
     stages = Stages()
+    cpu = []
     for r in range(spec["repeats"]):
         with stages.stage(f"run{r}") as info:
+            t0 = time.process_time()
             info["tokens"] = run(spec["max_new_tokens"])
+            cpu.append(time.process_time() - t0)
     recs = stages.as_list()
     expected = len(prompts) * k * spec["max_new_tokens"]
     return {**spec, "threads": threads, "runs": [
         {"seconds": r["seconds"], "tokens": r["tokens"],
-         "tokens_per_s": r["tokens"] / r["seconds"], "peak_delta_mb": r["peak_delta_mb"],
+         "tokens_per_s": r["tokens"] / r["seconds"], "cpu_seconds": c,
+         "tokens_per_cpu_s": r["tokens"] / max(c, 1e-9), "peak_delta_mb": r["peak_delta_mb"],
          "peak_rss_mb": r["peak_rss_mb"], "cuda_peak_mb": r["cuda_peak_mb"],
-         "memory_mb": r["peak_rss_mb"] - loaded} for r in recs],
+         "memory_mb": r["peak_rss_mb"] - loaded} for r, c in zip(recs, cpu, strict=True)],
         "equal_lengths": all(r["tokens"] == expected for r in recs)}
 
 
@@ -130,6 +145,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--llamacpp", action="store_true",
                     help="also time sampling.engine=llama-cpp (CPU: the student's GGUF + LoRA)")
+    ap.add_argument("--import-as", default="", choices=["", "q8_0", "q4_0", "f16"],
+                    help="also time llama.cpp on the student imported as this GGUF type")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.child:
@@ -145,6 +162,9 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {"edge_pu": [], "hf": []}
     if args.llamacpp:
         results["edge_pu-llamacpp"] = []
+    if args.import_as:
+        results[f"edge_pu-llamacpp-{args.import_as}"] = []
+    if args.llamacpp or args.import_as:
         spec["student_path"] = str(student_path(args.model))
     for rnd in range(args.rounds):
         for engine in results:
@@ -153,7 +173,9 @@ def main() -> None:
                 raise SystemExit(f"[bench] {engine} failed:\n{out['error']}")
             results[engine].append(out)
             tps = [r["tokens_per_s"] for r in out["runs"]]
+            cps = [r["tokens_per_cpu_s"] for r in out["runs"]]
             print(f"  round {rnd + 1} {engine:8s} tokens/s {', '.join(f'{x:.1f}' for x in tps)}"
+                  f"  per CPU-s {', '.join(f'{x:.1f}' for x in cps)}"
                   f"  equal lengths: {out['equal_lengths']}", flush=True)
     summary = _summarise(results, args.device)
     print(summary["text"])
@@ -166,22 +188,29 @@ def _summarise(results: dict[str, list[dict[str, Any]]], device: str) -> dict[st
     mem_key = "cuda_peak_mb" if device == "cuda" else "memory_mb"
     unit = "GPU MB (max allocated)" if device == "cuda" else "MB (peak RSS - RSS after load)"
     rows: dict[str, dict[str, Any]] = {}
-    lines = [f"| engine | tokens/s median (range) | sampling memory, {unit} |", "|---|---|---|"]
+    lines = [f"| engine | tokens/s median (range) | tokens per CPU-s median (range) | "
+             f"sampling memory, {unit} | peak RSS MB |", "|---|---|---|---|---|"]
     for engine, outs in results.items():
         runs = [r for o in outs for r in o["runs"]]
         tps = [r["tokens_per_s"] for r in runs]
+        cps = [r["tokens_per_cpu_s"] for r in runs]
         mem = [r[mem_key] for r in runs]
-        rows[engine] = {"tokens_per_s": median(tps), "memory_mb": median(mem), "runs": len(runs)}
-        lines.append(f"| {engine} | {median(tps):.1f} ({spread(tps)}) | {median(mem):.0f} |")
+        peak = [r["peak_rss_mb"] for r in runs]
+        rows[engine] = {"tokens_per_s": median(tps), "tokens_per_cpu_s": median(cps),
+                        "memory_mb": median(mem), "peak_rss_mb": median(peak),
+                        "runs": len(runs)}
+        lines.append(f"| {engine} | {median(tps):.1f} ({spread(tps)}) | {median(cps):.1f} "
+                     f"({spread(cps)}) | {median(mem):.0f} | {median(peak):.0f} |")
     ratios = {}
     for engine in rows:
         if engine == "hf":
             continue
         speed = rows[engine]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+        cpu_speed = rows[engine]["tokens_per_cpu_s"] / rows["hf"]["tokens_per_cpu_s"]
         memory = rows[engine]["memory_mb"] / max(rows["hf"]["memory_mb"], 1e-9)
-        ratios[engine] = {"speed": speed, "memory": memory}
-        lines.append(f"\nratio {engine} / HF generate: speed {speed:.2f}x, sampling memory "
-                     f"{memory:.2f}x")
+        ratios[engine] = {"speed": speed, "cpu_speed": cpu_speed, "memory": memory}
+        lines.append(f"\nratio {engine} / HF generate: speed {speed:.2f}x (per CPU-second "
+                     f"{cpu_speed:.2f}x), sampling memory {memory:.2f}x")
     return {"engines": rows, "speed_ratio": ratios["edge_pu"]["speed"],
             "memory_ratio": ratios["edge_pu"]["memory"], "ratios": ratios,
             "text": "\n".join(lines)}
