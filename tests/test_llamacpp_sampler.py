@@ -116,3 +116,22 @@ def test_two_rounds_sample_round_two_through_the_refreshed_lora(tmp_path: Path,
     assert len(cands) == 2 * 6 * cfg.sampling.k
     # f32 GGUF written once from the HF-folder student, into the cache.
     assert len(read_jsonl(d / "teacher_ledger.jsonl")) == 6
+
+
+def test_past_32_rows_each_sequence_has_its_own_stream(pair) -> None:
+    """5 prompts x K=8 = 40 rows: non-unified KV (one stream per sequence, the prompt's stream
+    copied to its K-1 siblings). Greedy still equals torch; seeded samples still repeat and do
+    not depend on the other prompts of the group."""
+    backend, sampler, root = pair
+    sampler.refresh(root / "adapter", "test")
+    ids = [backend.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    greedy = SamplingConfig(k=8, max_new_tokens=12, temperature=0.0, prompt_batch=5)
+    seeds = list(range(len(ids)))
+    ref = [s[0].token_ids for s in backend.sample(ids, 1, greedy, seeds)]
+    ours = sampler.sample(ids, 8, greedy, seeds)
+    assert not sampler.kv_unified
+    assert [[c.token_ids for c in s] for s in ours] == [[r] * 8 for r in ref]
+    cfg = SamplingConfig(k=8, max_new_tokens=8, temperature=1.0, top_p=0.95, prompt_batch=5)
+    a = sampler.sample(ids, 8, cfg, [11, 12, 13, 14, 15])
+    assert sampler.sample(ids[2:], 8, cfg, [13, 14, 15]) == a[2:]
+    assert len({tuple(x.token_ids) for x in a[0]}) > 1
