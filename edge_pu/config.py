@@ -434,7 +434,8 @@ def validate(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
-            raise EdgePuError(f"config: {key} = {value!r} is not one of {', '.join(allowed)}.")
+            names = ", ".join(a if a else '"" (off)' for a in allowed)
+            raise EdgePuError(f"config: {key} = {value!r} is not one of {names}.")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise EdgePuError(f"config: {key} must be > 0, got {_get(cfg, key)}.")
