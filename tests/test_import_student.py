@@ -102,24 +102,11 @@ def test_bad_import_settings_are_refused(tiny_llama_dir: Path) -> None:
 def imported_pair(cache: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(torch backend on the q8_0 import with a random non-zero adapter, llama.cpp sampler on
     the q8_0 file with that adapter as a GGUF LoRA)."""
-    import torch
-
-    from edge_pu.backends import make_backend
-    from edge_pu.backends.llamacpp_sampler import LlamaCppSampler
+    from tiny import random_lora_pair
 
     root = tmp_path_factory.mktemp("imported")
-    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir), "import_as": "q8_0"},
-                                  "backend": "cpu", "lora": {"r": 4, "alpha": 8}})
-    backend = make_backend("cpu")
-    backend.load(cfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in backend.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    backend.save_adapter(root / "adapter")
-    sampler = LlamaCppSampler(cfg, backend.student_dir, root / "sampler", backend.eos_ids,
-                              backend.decode)
+    backend, sampler = random_lora_pair({"path": str(tiny_llama_dir), "import_as": "q8_0"},
+                                        root)
     sampler.refresh(root / "adapter", "test")
     yield backend, sampler
     sampler.close()

@@ -42,25 +42,10 @@ def test_draw_inverse_cdf_by_hand() -> None:
 @pytest.fixture(scope="module")
 def pair(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(torch backend with a random non-zero adapter, llama.cpp sampler with it as a LoRA)."""
-    import torch
-
-    from edge_pu.backends import make_backend
-    from edge_pu.backends.llamacpp_sampler import LlamaCppSampler
-    from edge_pu.config import load_config
+    from tiny import random_lora_pair
 
     root = tmp_path_factory.mktemp("llamacpp")
-    cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu",
-                                  "lora": {"r": 4, "alpha": 8}})
-    backend = make_backend("cpu")
-    backend.load(cfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in backend.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    backend.save_adapter(root / "adapter")
-    sampler = LlamaCppSampler(cfg, backend.student_dir, root / "sampler", backend.eos_ids,
-                              backend.decode)
+    backend, sampler = random_lora_pair({"path": str(tiny_llama_dir)}, root)
     yield backend, sampler, root
     sampler.close()
 

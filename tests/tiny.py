@@ -121,3 +121,28 @@ def save_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, **o
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_lora_pair(student: dict, root: Path):
+    """(torch CPU backend on `student` (a config's student section) with a rank-4 LoRA whose B
+    is drawn N(0, 0.2) so the adapter changes the outputs, saved in root/adapter; a llama.cpp
+    sampler on the same student, its work dir root/sampler, the adapter not yet applied)."""
+    import torch
+
+    from edge_pu.backends import make_backend
+    from edge_pu.backends.llamacpp_sampler import LlamaCppSampler
+    from edge_pu.config import load_config
+
+    cfg = load_config(None, base={"student": student, "backend": "cpu",
+                                  "lora": {"r": 4, "alpha": 8}})
+    backend = make_backend("cpu")
+    backend.load(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in backend.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    backend.save_adapter(root / "adapter")
+    sampler = LlamaCppSampler(cfg, backend.student_dir, root / "sampler", backend.eos_ids,
+                              backend.decode)
+    return backend, sampler
