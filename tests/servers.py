@@ -41,6 +41,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -212,3 +213,26 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_config(root: Path, student: Path, url: str, run_dir: Path, *, n_prompts: int, k: int,
+               stages: str) -> Path:
+    """A run config (root/<run_dir name>.yaml) on `student` with the OpenAI teacher at `url`:
+    n_prompts prompts "say i twice" (root/prompts.jsonl, shared by the runs under root), K
+    candidates of at most 12 tokens, and `stages`: the YAML lines of its sft/train sections."""
+    prompts = root / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say {i} twice"}) + "\n"
+                                   for i in range(n_prompts)))
+    cfg = root / f"{run_dir.name}.yaml"
+    cfg.write_text(f"""
+student: {{path: {student}}}
+teacher: {{kind: openai, base_url: "{url}", model: m, timeout_s: 10, retries: 2, backoff_s: 0.05}}
+data: {{prompts: {prompts}}}
+sampling: {{k: {k}, max_new_tokens: 12, prompt_batch: 2}}
+ranker: {{batch_size: {k}}}
+{stages.strip()}
+backend: cpu
+run_dir: {run_dir}
+""")
+    return cfg

@@ -38,23 +38,11 @@ ADAPTER_REL_TOL = 2e-3
 
 
 def _config(root: Path, student: Path, url: str, run_dir: Path) -> Path:
-    prompts = root / "prompts.jsonl"
-    if not prompts.exists():
-        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say {i} twice"}) + "\n"
-                                   for i in range(N_PROMPTS)))
-    cfg = root / f"{run_dir.name}.yaml"
-    cfg.write_text(f"""
-student: {{path: {student}}}
-teacher: {{kind: openai, base_url: "{url}", model: m, timeout_s: 10, retries: 2, backoff_s: 0.05}}
-data: {{prompts: {prompts}}}
-sampling: {{k: {K}, max_new_tokens: 12, prompt_batch: 2}}
-ranker: {{batch_size: {K}}}
-sft: {{steps: 3, batch_size: 4, micro_batch: 1, lr: 0.01}}
-train: {{steps: 3, batch_size: 2, micro_batch: 1, rounds: 1, lr: 0.01}}
-backend: cpu
-run_dir: {run_dir}
-""")
-    return cfg
+    from servers import run_config
+
+    return run_config(root, student, url, run_dir, n_prompts=N_PROMPTS, k=K, stages="""
+sft: {steps: 3, batch_size: 4, micro_batch: 1, lr: 0.01}
+train: {steps: 3, batch_size: 2, micro_batch: 1, rounds: 1, lr: 0.01}""")
 
 
 def _env() -> dict[str, str]:

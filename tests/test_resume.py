@@ -10,7 +10,6 @@ deterministic here, so the tolerance is float noise).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,22 +28,11 @@ N_PROMPTS, K, ROUNDS, STEPS = 8, 4, 2, 4
 
 
 def _config(root: Path, student: Path, url: str, run_dir: Path) -> Path:
-    prompts = root / "prompts.jsonl"
-    if not prompts.exists():
-        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say {i} twice"}) + "\n"
-                                   for i in range(N_PROMPTS)))
-    cfg = root / f"{run_dir.name}.yaml"
-    cfg.write_text(f"""
-student: {{path: {student}}}
-teacher: {{kind: openai, base_url: "{url}", model: m, timeout_s: 10, retries: 2, backoff_s: 0.05}}
-data: {{prompts: {prompts}}}
-sampling: {{k: {K}, max_new_tokens: 12, prompt_batch: 2}}
-ranker: {{batch_size: {K}}}
-train: {{steps: {STEPS}, batch_size: 2, micro_batch: 1, rounds: {ROUNDS}, lr: 0.01}}
-backend: cpu
-run_dir: {run_dir}
-""")
-    return cfg
+    from servers import run_config
+
+    return run_config(root, student, url, run_dir, n_prompts=N_PROMPTS, k=K, stages=(
+        f"train: {{steps: {STEPS}, batch_size: 2, micro_batch: 1, rounds: {ROUNDS}, "
+        "lr: 0.01}"))
 
 
 def _lines(path: Path) -> int:
