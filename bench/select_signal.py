@@ -3,10 +3,11 @@
     python bench/select_signal.py RUNS/EVAL [--budget 24]
 
 For each seed's SFT-checkpoint candidates (`seed-S/shared-sft/`, written by `edge-pu eval` with
-the `oracle` ranker among its rankers), compares the `budget` prompts with the largest calibrated
-score spread (label-free: the ranker's own scores, edge_pu.train.group_spread) against random
-draws of as many prompts: the share whose K candidates differ in checker quality, and the room
-to improve (best minus mean candidate quality). Prints one line per seed and ranker.
+the `oracle` ranker among its rankers), compares the `budget` prompts with the largest
+calibrated score spread (label-free: the ranker's own scores,
+edge_pu.algo.preferences.group_spread) against random draws of as many prompts: the share whose
+K candidates differ in checker quality, and the room to improve (best minus mean candidate
+quality). Prints one line per seed and ranker.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import random
 import statistics as st
 from pathlib import Path
 
-from edge_pu.algo.preferences import group_scores
-from edge_pu.train import group_spread
+from edge_pu.algo.preferences import group_scores, group_spread
 
 
 def _scores(path: Path) -> dict[str, list[float]]:
@@ -31,10 +31,13 @@ def main() -> None:
     ap.add_argument("eval_dir")
     ap.add_argument("--budget", type=int, default=24, help="prompts the PU steps can use")
     args = ap.parse_args()
-    for seed_dir in sorted(Path(args.eval_dir).glob("seed-*")):
+    seeds = [d for d in sorted(Path(args.eval_dir).glob("seed-*"))
+             if (d / "shared-sft" / "scores-oracle.jsonl").exists()]
+    if not seeds:
+        raise SystemExit(f"{args.eval_dir}: no seed-S/shared-sft/scores-oracle.jsonl; run "
+                         "`edge-pu eval` with a two-stage method and `--rankers ... oracle`.")
+    for seed_dir in seeds:
         sh = seed_dir / "shared-sft"
-        if not (sh / "scores-oracle.jsonl").exists():
-            continue
         cands: dict[str, list[dict]] = {}
         for line in (sh / "candidates.jsonl").read_text().splitlines():
             r = json.loads(line)

@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .algo.losses import LOSSES, LossConfig
-from .algo.preferences import group_scores, is_tied, listwise_target, make_pairs, pooled_reward_std
+from .algo.preferences import (
+    group_scores,
+    group_spread,
+    is_tied,
+    listwise_target,
+    make_pairs,
+    pooled_reward_std,
+)
 from .backends.base import Backend, TrainBatch
 from .config import TrainConfig
 
@@ -109,17 +116,6 @@ def build_units(cfg: TrainConfig, prompt_ids: dict[str, list[int]],
             records.append({"prompt_id": pid, "rows": keep, "target": d})
             counts["anchor_units"] += with_anchor
     return units, records, counts
-
-
-def group_spread(cal: Sequence[float | None]) -> float:
-    """Population std of a group's calibrated scores (unfinished candidates at the place the
-    `unfinished` rule gave them, dropped ones left out): how much the training signal tells
-    this prompt's candidates apart."""
-    vals = [v for v in cal if v is not None]
-    if len(vals) < 2:
-        return 0.0
-    m = sum(vals) / len(vals)
-    return math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
 
 
 def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]], *,

@@ -104,7 +104,7 @@ def test_select_spread_spends_the_step_budget_on_the_prompts_the_ranker_tells_ap
     all three; with a budget of 3 steps, or none (epochs), `spread` still leaves the tied a
     out. For DPO best-worst with the anchor a prompt gives 2 pairs, so 2 steps x 1 pair is a
     budget of 1 prompt: b."""
-    from edge_pu.train import group_spread
+    from edge_pu.algo.preferences import group_spread
 
     scores = {"a": [1.0, 1.0, 1.0], "b": [0.0, 2.0, 4.0], "c": [0.0, 1.0, 2.0]}
     cands = {p: [[1], [2], [3]] for p in scores}

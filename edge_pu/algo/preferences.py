@@ -194,6 +194,14 @@ def group_scores(scores: Mapping[str, Sequence[float]], finished: Mapping[str, S
     return out
 
 
+def group_spread(cal: Sequence[float | None]) -> float:
+    """Population std of a group's calibrated scores (unfinished candidates at the place the
+    `unfinished` rule gave them, dropped ones left out): how much the training signal tells
+    this prompt's candidates apart (edge_pu.train.select_prompts)."""
+    vals = [v for v in cal if v is not None]
+    return math.sqrt(_pvar(vals)) if len(vals) >= 2 else 0.0
+
+
 def pooled_reward_std(targets: Sequence[Sequence[float]]) -> float:
     """sqrt(mean over groups of the population variance of r = K d): the round's typical
     spread of GRPO rewards, the divisor of `advantage_norm: pooled`."""
