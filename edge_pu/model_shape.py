@@ -1,7 +1,7 @@
 """The shape of a decoder-only student, read without touching its weights.
 
 `read_model_shape(path)` takes an HF model dir, its config.json, or a .gguf file (whose header
-the gguf package's GGUFReader memory-maps: the tensor data is never read) and returns a
+edge_pu.gguf_header walks: the tensor data is never read) and returns a
 `ModelShape`: sizes, head counts, tied embeddings, the dtype of the stored weights. The memory
 planner (`edge_pu.planner`) computes everything else from it.
 """
@@ -88,22 +88,13 @@ class ModelShape:
 
     @classmethod
     def from_gguf(cls, path: Path) -> ModelShape:
-        from gguf import GGUFReader, GGUFValueType
+        from .gguf_header import Array, read_header
 
-        try:
-            reader = GGUFReader(str(path))
-        except (OSError, ValueError) as exc:
-            raise EdgePuError(f"{path}: not a readable GGUF file ({exc}).") from None
+        header = read_header(path)
 
         def value(key: str) -> Any:
-            f = reader.fields.get(key)
-            if f is None:
-                return None
-            if f.types[0] == GGUFValueType.ARRAY:
-                return len(f.data)
-            if f.types[0] == GGUFValueType.STRING:
-                return bytes(f.parts[f.data[0]]).decode()
-            return int(f.parts[f.data[0]][0])
+            v = header.fields.get(key)
+            return len(v) if isinstance(v, Array) else v
 
         arch = value("general.architecture")
         if not arch:
@@ -116,7 +107,7 @@ class ModelShape:
                                   "needs it to size the student.")
             return int(v)
 
-        names = {t.name for t in reader.tensors}
+        names = set(header.tensors)
         hidden, heads = need("embedding_length"), need("attention.head_count")
         vocab = value(f"{arch}.vocab_size") or value("tokenizer.ggml.tokens")
         if not vocab:

@@ -90,10 +90,12 @@ def file_type(quant: str) -> F:
 
 def file_quant(path: str | Path) -> str:
     """The quant name of an existing GGUF (general.file_type), e.g. 'q4_1' for a Q4_1 file."""
-    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
-    if field is None:
+    from ..gguf_header import file_type
+
+    value = file_type(path)
+    if value is None:
         return "f32"
-    name = F(int(field.contents())).name.lower()
+    name = F(value).name.lower()
     return "f32" if name == "all_f32" else name.removeprefix("mostly_")
 
 

@@ -163,5 +163,6 @@ def write_gguf(
 
 def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """{tensor name: type name} of a GGUF file, e.g. for checking the type rules."""
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    from ..gguf_header import read_header
+
+    return {t.name: t.type_name for t in read_header(path).tensors.values()}

@@ -22,8 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "What is 2 + 2?"}],
     [
@@ -53,16 +51,17 @@ OLLAMA_CHATML = """{{- if .System }}<|im_start|>system
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Chat template and special tokens stored in a GGUF."""
-    fields = gguf.GGUFReader(str(path)).fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()
+    from ..gguf_header import read_header
+
+    fields = read_header(path, arrays={"tokenizer.ggml.tokens"}).fields
+    tokens = fields["tokenizer.ggml.tokens"].values
 
     def token(key: str) -> str | None:
-        field = fields.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[field.contents()] if field is not None else None
+        index = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[index] if index is not None else None
 
-    template = fields.get("tokenizer.chat_template")
     return {
-        "chat_template": template.contents() if template is not None else None,
+        "chat_template": fields.get("tokenizer.chat_template"),
         "bos_token": token("bos"),
         "eos_token": token("eos"),
     }

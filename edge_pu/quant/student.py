@@ -33,13 +33,13 @@ def weights_tag(model_dir: Path) -> str:
 
 
 def gguf_file_type(path: Path) -> str:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("general.file_type")
-    if field is None:
+    from ..gguf_header import file_type
+
+    value = file_type(path)
+    if value is None:
         return "gguf:unknown"
-    value = int(field.parts[field.data[0]][0])
     name = LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
     return f"gguf:{name}"
 
