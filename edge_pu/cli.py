@@ -1,7 +1,7 @@
-"""Command line: `edge-pu run CONFIG.yaml [--set section.key=value ...]`, `edge-pu demo`,
-`edge-pu anchors CONFIG.yaml [--export F | --import F]`, `edge-pu doctor`, `edge-pu report
-RUN_DIR` (edge_pu.report), `edge-pu chat RUN_DIR` (edge_pu.chat), `edge-pu serve RUN_DIR`
-(edge_pu.serve).
+"""Command line: `edge-pu run CONFIG.yaml [--set section.key=value ...]`, `edge-pu demo
+[--preset qwen]` (edge_pu.demo), `edge-pu anchors CONFIG.yaml [--export F | --import F]`,
+`edge-pu doctor`, `edge-pu report RUN_DIR` (edge_pu.report), `edge-pu chat RUN_DIR`
+(edge_pu.chat), `edge-pu serve RUN_DIR` (edge_pu.serve).
 
 Every user error (EdgePuError) prints as one paragraph naming the culprit and exits non-zero;
 there is no traceback for those.
@@ -107,9 +107,14 @@ def cmd_anchors(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if not args.run_dir:  # one run dir per preset: their configs differ
+        args.run_dir = "runs/demo" if args.preset == "smollm2" else f"runs/demo-{args.preset}"
     with command_output(quiet=args.quiet, as_json=args.json), _locked(args.run_dir, args):
         run_demo(algorithm=args.algorithm, run_dir=args.run_dir, student=args.student,
-                 overrides=args.overrides, export=args.export, restart=args.restart)
+                 overrides=args.overrides, export=args.export, restart=args.restart,
+                 preset=args.preset, train_per_family=args.train_per_family,
+                 heldout_per_family=args.heldout_per_family,
+                 teacher_threads=args.teacher_threads)
         _report_at_end(args.run_dir)
     print_summary(demo_summary(args.run_dir), as_json=args.json)
     return 0
@@ -213,14 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="import_path", help="add anchors from this JSONL")
     _add_wait_arg(p)
     p.set_defaults(func=cmd_anchors)
-    p = sub.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M-Instruct")
+    p = sub.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M-Instruct "
+                       "(--preset qwen: Qwen2.5-Coder-0.5B taught by the 1.5B)")
+    p.add_argument("--preset", default="smollm2", choices=["smollm2", "qwen"],
+                   help="smollm2 (default: SmolLM2-135M, oracle teacher) or qwen (Qwen2.5-Coder"
+                        "-0.5B student, the 1.5B as a real teacher behind llama.cpp's OpenAI "
+                        "server; `edge-pu fetch qwen-0.5b` and `qwen-1.5b` first)")
+    p.add_argument("--train-per-family", type=int, default=0, metavar="N",
+                   help="training prompts per task family (0: the preset's, 6 or 3)")
+    p.add_argument("--heldout-per-family", type=int, default=0, metavar="N",
+                   help="held-out prompts per task family (0: the preset's, 4 or 2)")
+    p.add_argument("--teacher-threads", type=int, default=0, metavar="N",
+                   help="--preset qwen: the teacher server's threads (0: every core; it runs "
+                        "alone, before the student is loaded)")
     p.add_argument("--algorithm", default="grpo", choices=["dpo", "grpo"],
                    help="grpo (default; advantage variant, --set train.grpo_variant="
                         "distribution for the other) or dpo")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", default="", help="default runs/demo (--preset qwen: "
+                                                   "runs/demo-qwen)")
     p.add_argument("--restart", action="store_true",
                    help="redo a run dir made with other settings (its anchors are kept)")
-    p.add_argument("--student", default="", help="student model (default: SmolLM2 GGUF)")
+    p.add_argument("--student", default="", help="student model (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--export", action="store_true",
                    help="also export GGUF q8_0 and ONNX, gated on the held-out prompts")

@@ -155,6 +155,10 @@ def demo_summary(run_dir: str | Path) -> dict[str, Any]:
     out["files"]["demo_report"] = _existing(d / "demo_report.json")
     out["metrics"]["pass_rate"] = {k: (demo.get(k) or {}).get("pass_rate")
                                    for k in ("before", "after_sft", "after") if demo.get(k)}
+    if (demo.get("teacher") or {}).get("anchor_pass"):  # a real teacher (demo --preset qwen)
+        share = demo["teacher"]["anchor_pass"]
+        out["metrics"]["teacher_anchor_pass"] = {k: share[k]
+                                                 for k in ("passed", "anchored", "share")}
     for fmt, gate in (demo.get("exports") or {}).items():
         folder = d / "export" / fmt
         out["exports"][fmt] = {"passed": gate.get("passed"), "artifacts": sorted(
@@ -182,6 +186,9 @@ def _headline(summary: dict[str, Any]) -> list[str]:
             ("KL to reference", ("kl_to_reference_end", "kl_to_reference")))
             if isinstance(v := next((r[k] for k in keys if k in r), None), (int, float))]
         lines.append(f"PU round {r.get('round')}: " + ", ".join(shown))
+    if share := m.get("teacher_anchor_pass"):
+        lines.append(f"teacher anchors passing the task checker: {share['share']:.0%} "
+                     f"({share['passed']} of {share['anchored']})")
     rates = m.get("pass_rate") or {}
     if rates:
         lines.append("held-out pass rate: " + ", ".join(

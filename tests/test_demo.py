@@ -53,3 +53,18 @@ def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: 
     assert main(base + ["--algorithm", "grpo", "--restart"]) == 0
     report = json.loads((run_dir / "demo_report.json").read_text())
     assert report["algorithm"] == "grpo"
+
+
+def test_qwen_preset_names_the_fetch_command_of_a_missing_model(
+        tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Refused before any server starts or model loads: first the student, then the teacher."""
+    monkeypatch.setenv("EDGE_PU_CACHE", str(tmp_path / "empty-cache"))
+    run_dir = tmp_path / "qwen"
+    assert main(["demo", "--preset", "qwen", "--run-dir", str(run_dir)]) == 2
+    assert "`edge-pu fetch qwen-0.5b`" in capsys.readouterr().err
+    assert main(["demo", "--preset", "qwen", "--run-dir", str(run_dir),
+                 "--student", str(tiny_llama_dir)]) == 2
+    assert "`edge-pu fetch qwen-1.5b`" in capsys.readouterr().err
+    assert not (run_dir / "teacher_server.log").exists()
+    assert not (run_dir / "anchors.jsonl").exists()
