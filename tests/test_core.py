@@ -74,7 +74,9 @@ def test_bad_middle_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_chunked_logprobs_match_full_log_softmax(tiny_llama_dir: Path, monkeypatch) -> None:
-    """The chunked, completion-only log-prob path equals log_softmax over full logits."""
+    """The chunked, completion-only log-prob path equals log_softmax over full logits, for
+    rows whose prompt is their own (run together as whole padded rows) and rows that share one
+    (the prompt once, its KV cache gathered), mixed in one call."""
     import torch
 
     from edge_pu.backends import torch_backend
@@ -84,8 +86,8 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_llama_dir: Path, monkeypat
     backend.load(cfg)
     # A chunk of 3 rows forces several chunks even for these short completions.
     monkeypatch.setattr(torch_backend, "LOGIT_CHUNK_BYTES", 3 * 4 * backend.tok.vocab_size)
-    prompts = [[5, 6, 7], [8, 9]]
-    comps = [[10, 11, 12, 13], [14]]
+    prompts = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [1, 2, 3, 4]]
+    comps = [[10, 11, 12, 13], [14], [15, 16], [17]]
     got = backend.logprobs(prompts, comps)
     model = backend.model
     for p, c, lp in zip(prompts, comps, got, strict=True):
