@@ -251,6 +251,30 @@ def test_redirects_are_not_followed(tmp_path: Path) -> None:
         assert elsewhere.count() == 0 and server.count() == 1
 
 
+def test_a_loopback_teacher_is_never_reached_through_a_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """http_proxy names a port nobody listens on: a request sent through it would be refused."""
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port()}")
+    with FaultServer() as server:
+        for host in ("127.0.0.1", "localhost"):
+            teacher = OpenAITeacher(tcfg(server, base_url=f"http://{host}:{server.port}/v1"))
+            assert teacher.answer("hello") == "anchor: hello", host
+        assert server.count() == 2
+
+
+def test_a_remote_teacher_still_goes_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy is a FaultServer: it gets the request for the remote host (absolute URL as the
+    path, as a proxy does) and answers 404, a fatal error for the teacher."""
+    with FaultServer() as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        teacher = OpenAITeacher(tcfg(base_url="http://teacher.example:8000/v1"))
+        with pytest.raises(TeacherError) as info:
+            teacher.answer("hello")
+        assert info.value.fatal
+        assert [r.path for r in proxy.requests] == ["http://teacher.example:8000/v1/chat/completions"]
+
+
 # ---- budgets --------------------------------------------------------------------------------
 def test_max_calls_is_never_exceeded_across_restarts(tmp_path: Path) -> None:
     """max_calls=5, every prompt's first try fails with 503: prompt 0 and 1 take 2 requests

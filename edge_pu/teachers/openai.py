@@ -8,7 +8,9 @@ The API key comes from the environment variable named by `teacher.api_key_env` o
 named by `teacher.api_key_file` (a mounted secret), read at call time. It is never stored on the
 object, logged or written: any text coming back from the server (error bodies, answers) has the
 key replaced by `[redacted]` before edge_pu prints or records it. Redirects are not followed
-(urllib would forward the Authorization header to wherever the server points).
+(urllib would forward the Authorization header to wherever the server points). A loopback
+server (127.0.0.1, localhost, ::1) is reached directly, never through `http_proxy`: a proxy
+would see the prompts and the key, and could not reach this machine's loopback anyway.
 
 How each fault is classified (TeacherError flags; edge_pu.anchors acts on them):
 - timeout, connection refused or dropped, 408/409/425/5xx, truncated or malformed body,
@@ -45,6 +47,7 @@ from typing import Any
 from ..config import TeacherConfig
 from ..errors import EdgePuError
 from ..keys import read_key
+from ..serve import is_loopback
 from .base import PromptLike, TeacherError, chat_messages
 
 MAX_REPLY_BYTES = 16 * 2**20  # a chat completion is kilobytes; more is a broken server
@@ -66,7 +69,10 @@ class OpenAITeacher:
         self.cfg = cfg
         api_key(cfg)  # fail now, before any prompt, if the key is configured but missing
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        handlers: list[Any] = [_NoRedirect]
+        if is_loopback(urllib.parse.urlsplit(self.url).hostname or ""):
+            handlers.append(urllib.request.ProxyHandler({}))  # no proxy, whatever the env says
+        self._opener = urllib.request.build_opener(*handlers)
         # The endpoint is not part of the identity: moving the same model to another host must
         # not re-ask (and re-pay for) every prompt.
         self.identity = f"openai:{cfg.model}"
