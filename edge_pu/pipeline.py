@@ -234,40 +234,44 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                           f" see {run_dir / 'teacher_failures.jsonl'}.")
     by_id = {p.id: p for p in prompts}
     sampler = _make_sampler(backend, cfg, run_dir)
-    if cfg.sft.enabled:  # stage 1: the PU stage starts from, and is measured against, SFT
-        from .sft import run_sft
+    try:  # a live llama.cpp model holds ~1-2 GB (0.5B); reference cycles keep it past run()
+        if cfg.sft.enabled:  # stage 1: the PU stage starts from, and is measured against, SFT
+            from .sft import run_sft
 
-        ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
-        result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
-        dist.barrier()  # rank 0 has saved the SFT state
-        if sampler is not None:  # round 1 samples from the SFT policy
-            adapter = run_dir / "sampler" / "adapter-sft"
-            backend.save_adapter(adapter)
-            sampler.refresh(adapter, "sft")
-    done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
-            if m.get("event") == "round_end"}
-    for r in range(1, cfg.train.rounds + 1):
-        state = run_dir / "state" / f"round-{r}"
-        if r in done and (state / "COMPLETE").exists():
-            backend.load_state(state)
-            print(f"[round {r}] already trained; resumed from {state}", flush=True)
-            result.rounds.append({k: v for k, v in done[r].items() if k != "event"})
-            continue
-        if sampler is not None and r > 1:  # round r samples from what round r-1 trained
-            adapter = run_dir / "sampler" / f"adapter-r{r - 1}"
-            backend.save_adapter(adapter)
-            sampler.refresh(adapter, f"r{r - 1}")
-        result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r,
-                                        sampler))
-        # Written beside, then renamed: a crash mid-save never leaves a half state that
-        # looks complete.
-        if main:
-            tmp = state.with_name(state.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            backend.save_state(tmp)
-            shutil.rmtree(state, ignore_errors=True)
-            tmp.rename(state)
-        dist.barrier()
+            ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
+            result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
+            dist.barrier()  # rank 0 has saved the SFT state
+            if sampler is not None:  # round 1 samples from the SFT policy
+                adapter = run_dir / "sampler" / "adapter-sft"
+                backend.save_adapter(adapter)
+                sampler.refresh(adapter, "sft")
+        done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
+                if m.get("event") == "round_end"}
+        for r in range(1, cfg.train.rounds + 1):
+            state = run_dir / "state" / f"round-{r}"
+            if r in done and (state / "COMPLETE").exists():
+                backend.load_state(state)
+                print(f"[round {r}] already trained; resumed from {state}", flush=True)
+                result.rounds.append({k: v for k, v in done[r].items() if k != "event"})
+                continue
+            if sampler is not None and r > 1:  # round r samples from what round r-1 trained
+                adapter = run_dir / "sampler" / f"adapter-r{r - 1}"
+                backend.save_adapter(adapter)
+                sampler.refresh(adapter, f"r{r - 1}")
+            result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r,
+                                            sampler))
+            # Written beside, then renamed: a crash mid-save never leaves a half state that
+            # looks complete.
+            if main:
+                tmp = state.with_name(state.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                backend.save_state(tmp)
+                shutil.rmtree(state, ignore_errors=True)
+                tmp.rename(state)
+            dist.barrier()
+    finally:
+        if sampler is not None:
+            sampler.close()
     result.seconds = time.time() - t0
     if not main:  # the adapter, summary and exports are rank 0's to write
         return result

@@ -86,6 +86,9 @@ def test_sampling_is_reproducible_and_per_prompt(pair) -> None:
 
 def test_two_rounds_sample_round_two_through_the_refreshed_lora(tmp_path: Path,
                                                                  tiny_llama_dir: Path) -> None:
+    import gc
+
+    from llama_cpp import Llama
     from test_pipeline import tiny_cfg
 
     from edge_pu.jsonl import read_jsonl
@@ -93,7 +96,14 @@ def test_two_rounds_sample_round_two_through_the_refreshed_lora(tmp_path: Path,
 
     cfg = tiny_cfg(tmp_path, tiny_llama_dir, sampling={"engine": "llama-cpp"},
                    train={"rounds": 2, "steps": 4})
-    run(cfg)
+    gc.disable()  # the sampler sits in a reference cycle: only gc would ever free it
+    try:
+        run(cfg)
+        # The run closed its llama.cpp model: an eval runs many methods in one process, and
+        # each left one open (~1.5 GB each on the 0.5B student) until it did.
+        assert all(o._ctx.ctx is None for o in gc.get_objects() if isinstance(o, Llama))
+    finally:
+        gc.enable()
     d = Path(cfg.run_dir)
     assert (d / "sampler" / "lora-r1.gguf").exists()
     cands = read_jsonl(d / "candidates.jsonl")
