@@ -10,6 +10,11 @@ Every command that writes a run dir (run, anchors, demo, eval's --out, export) h
 (edge_pu.lock) for as long as it runs, taken before anything is written; a second writer exits
 with code 3 naming the holder, or queues behind it with --wait.
 
+SIGTERM (a `kill`, a CI timeout, a supervisor stopping the job) is handled like Ctrl-C: the
+command unwinds (a served teacher is stopped), says how to resume, and exits with 143, the
+128 + 15 that shells and supervisors read as "ended by SIGTERM" (Ctrl-C exits with 130).
+Everything already written stays: each record is fsynced as it is made.
+
 `torchrun --nproc-per-node N -m edge_pu run CONFIG.yaml` runs the same pipeline data-parallel
 (edge_pu.distributed): rank 0 holds the lock and prints; the other ranks print only errors.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -339,24 +346,48 @@ def _check_torchrun(command: str) -> None:
                           f"`edge-pu {command}` without torchrun.")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: every stage unwinds from it as from Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises Terminated while the command runs; the previous handler comes back after
+    (main() also runs inside other programs, e.g. the tests)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["edge-pu", *argv])  # what a refused writer is told
     configure_logging()  # edge_pu's log on stderr; other packages' deprecation notices at debug
     try:
-        _check_torchrun(args.command)
-        return int(args.func(args))
+        with _sigterm_like_ctrl_c():
+            _check_torchrun(args.command)
+            return int(args.func(args))
     except EdgePuError as exc:
         print(f"edge-pu: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # permissions, read-only file systems: no traceback for those
         print(f"edge-pu: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("edge-pu: interrupted; rerun the same command to continue where it stopped.",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        terminated = isinstance(exc, Terminated)
+        print(f"edge-pu: interrupted{' (SIGTERM)' if terminated else ''}; rerun the same "
+              "command to continue where it stopped.", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
 
 
 if __name__ == "__main__":

@@ -129,3 +129,35 @@ def test_sigkill_in_every_stage_then_resume_matches_clean_run(tiny_llama_dir: Pa
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+
+def test_sigterm_exits_like_ctrl_c_and_keeps_what_was_written(tiny_llama_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """SIGTERM to `edge-pu run` while the teacher holds the third prompt's request: exit code
+    143 (128 + SIGTERM, what a supervisor or CI runner expects), Ctrl-C's message and no
+    traceback; the two anchors already written stay, and the rerun asks only for the rest."""
+    from servers import FaultServer, run_config
+
+    from edge_pu.cli import main
+
+    with FaultServer(script={"say 2 twice": ["sleep"]}, sleep_s=60.0) as server:
+        run_dir = tmp_path / "run"
+        cfg = run_config(tmp_path, tiny_llama_dir, server.base_url, run_dir, n_prompts=4, k=2,
+                         stages="train: {steps: 1, batch_size: 1, micro_batch: 1}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "edge_pu", "run", str(cfg)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not (server.count("say 2 twice")
+                                           and _lines(run_dir / "anchors.jsonl") == 2):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)  # torch's interpreter exit is slow on busy cores
+        assert proc.returncode == 143, err[-2000:]
+        assert ("edge-pu: interrupted (SIGTERM); rerun the same command to continue where it "
+                "stopped.") in err and "Traceback" not in err, err[-2000:]
+        assert [a["id"] for a in read_jsonl(run_dir / "anchors.jsonl")] == ["p0", "p1"]
+
+        assert main(["anchors", str(cfg)]) == 0
+        assert sorted(a["id"] for a in read_jsonl(run_dir / "anchors.jsonl")) == [
+            "p0", "p1", "p2", "p3"]
+        assert [server.count(f"say {i} twice") for i in (0, 1, 3)] == [1, 1, 1]

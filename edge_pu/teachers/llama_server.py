@@ -107,8 +107,10 @@ def _stop(proc: subprocess.Popen, stop_s: float) -> None:
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """SIGTERM raises SystemExit(143) while the block runs (main thread only), so `finally`
-    blocks run; the previous handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
+    blocks run; the previous handler comes back afterwards. A Python handler already in place
+    is kept: the CLI's raises its own exception (edge_pu.cli: SIGTERM unwinds like Ctrl-C)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or callable(signal.getsignal(signal.SIGTERM))):
         yield
         return
 
