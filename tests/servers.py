@@ -216,20 +216,26 @@ def closed_port() -> int:
 
 
 def run_config(root: Path, student: Path, url: str, run_dir: Path, *, n_prompts: int, k: int,
-               stages: str) -> Path:
+               stages: str, prompts: list[str] | None = None, teacher: str = "",
+               sampling: str = "") -> Path:
     """A run config (root/<run_dir name>.yaml) on `student` with the OpenAI teacher at `url`:
     n_prompts prompts "say i twice" (root/prompts.jsonl, shared by the runs under root), K
-    candidates of at most 12 tokens, and `stages`: the YAML lines of its sft/train sections."""
-    prompts = root / "prompts.jsonl"
-    if not prompts.exists():
-        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say {i} twice"}) + "\n"
-                                   for i in range(n_prompts)))
+    candidates of at most 12 tokens, and `stages`: the YAML lines of its sft/train sections.
+    `prompts` replaces the "say i twice" ones, `teacher` (a YAML flow mapping) the OpenAI
+    teacher, and `sampling` is added to the sampling section ("engine: llama-cpp")."""
+    path = root / "prompts.jsonl"
+    if not path.exists():
+        texts = prompts if prompts is not None else [f"say {i} twice" for i in range(n_prompts)]
+        path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                                for i, p in enumerate(texts)))
+    teacher = teacher or (f'{{kind: openai, base_url: "{url}", model: m, timeout_s: 10, '
+                          'retries: 2, backoff_s: 0.05}')
     cfg = root / f"{run_dir.name}.yaml"
     cfg.write_text(f"""
 student: {{path: {student}}}
-teacher: {{kind: openai, base_url: "{url}", model: m, timeout_s: 10, retries: 2, backoff_s: 0.05}}
-data: {{prompts: {prompts}}}
-sampling: {{k: {k}, max_new_tokens: 12, prompt_batch: 2}}
+teacher: {teacher}
+data: {{prompts: {path}}}
+sampling: {{k: {k}, max_new_tokens: 12, prompt_batch: 2{", " + sampling if sampling else ""}}}
 ranker: {{batch_size: {k}}}
 {stages.strip()}
 backend: cpu
