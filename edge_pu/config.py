@@ -8,6 +8,7 @@ with the nearest valid key suggested; a value of the wrong type names its field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -302,13 +303,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `top` laid over `base`, nested dicts merged key by key. Nothing in it is
+    shared with either input, so a caller may edit the result (e.g. a defaults table's copy)."""
+    out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -387,7 +390,7 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> RunConfig:
     merged: dict[str, Any] = {}
     for source, data in layers:
         _build(RunConfig, data, "", source)  # names the layer that holds a bad key
-        merged = _merge(merged, data)
+        merged = merge_dicts(merged, data)
     cfg = _build(RunConfig, merged, "", "config")
     validate(cfg)
     return _resolve_model_names(cfg)

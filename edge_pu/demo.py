@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, RunConfig, load_config
+from .config import DataConfig, RunConfig, load_config, merge_dicts
 from .errors import EdgePuError
 from .evaluate import greedy_answers, score, table
 from .fetch import MODELS, verified_path
@@ -97,13 +97,6 @@ def find_demo_student() -> Path:
                       "folder or a .gguf).")
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
-    for k, v in over.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: str = "",
              overrides: list[str] | None = None, export: bool = False,
              restart: bool = False, preset: str = "smollm2", train_per_family: int = 0,
@@ -129,7 +122,7 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
     rows = [{"id": t.id, "prompt": t.prompt} for t in train_tasks]
     write_jsonl_atomic(out / ("teacher_prompts.jsonl" if chosen.served_teacher
                               else "train_prompts.jsonl"), rows)
-    base = _merge(DEFAULTS, chosen.config)
+    base = merge_dicts(DEFAULTS, chosen.config)
     if student or "path" not in base.get("student", {}):
         base["student"] = {"path": student or str(find_demo_student())}
     if base["teacher"]["kind"] == "oracle":

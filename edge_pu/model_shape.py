@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgePuError
+from .gguf_header import Array, read_header
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
           "bf16": "bfloat16", "fp16": "float16"}
@@ -88,8 +89,6 @@ class ModelShape:
 
     @classmethod
     def from_gguf(cls, path: Path) -> ModelShape:
-        from .gguf_header import Array, read_header
-
         header = read_header(path)
 
         def value(key: str) -> Any:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..anchors import AnchorStore
-from ..config import RunConfig, config_to_dict, load_config
+from ..config import RunConfig, config_to_dict, load_config, merge_dicts
 from ..data import Prompt, load_prompts
 from ..data import prompt_ids as chat_prompt_ids
 from ..errors import EdgePuError
@@ -128,15 +128,8 @@ def _sizes(opts: EvalOptions) -> dict[str, int]:
     return sizes
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(a))
-    for key, value in b.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def resolve_config(opts: EvalOptions, out: Path) -> RunConfig:
-    base = _merge(EVAL_DEFAULTS, QUICK_DEFAULTS) if opts.quick else _merge(EVAL_DEFAULTS, {})
+    base = merge_dicts(EVAL_DEFAULTS, QUICK_DEFAULTS if opts.quick else {})
     base["teacher"]["path"] = str(out / "tasks.jsonl")
     overrides = list(opts.overrides)
     if opts.student:

@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 from edge_pu.export.errors import ExportError
+from edge_pu.gguf_header import file_type as gguf_file_type
 
 # name -> (type of 2-D weights, general.file_type)
 DIRECT: dict[str, tuple[T, F]] = {
@@ -90,9 +91,7 @@ def file_type(quant: str) -> F:
 
 def file_quant(path: str | Path) -> str:
     """The quant name of an existing GGUF (general.file_type), e.g. 'q4_1' for a Q4_1 file."""
-    from ..gguf_header import file_type
-
-    value = file_type(path)
+    value = gguf_file_type(path)
     if value is None:
         return "f32"
     name = F(value).name.lower()

@@ -36,6 +36,7 @@ from edge_pu.export.gguf_types import (
     tensor_qtype,
 )
 from edge_pu.export.gguf_vocab import add_vocab, read_vocab
+from edge_pu.gguf_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,4 @@ def write_gguf(
 
 def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """{tensor name: type name} of a GGUF file, e.g. for checking the type rules."""
-    from ..gguf_header import read_header
-
     return {t.name: t.type_name for t in read_header(path).tensors.values()}

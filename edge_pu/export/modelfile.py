@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from edge_pu.gguf_header import read_header
+
 CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "What is 2 + 2?"}],
     [
@@ -51,8 +53,6 @@ OLLAMA_CHATML = """{{- if .System }}<|im_start|>system
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Chat template and special tokens stored in a GGUF."""
-    from ..gguf_header import read_header
-
     fields = read_header(path, arrays={"tokenizer.ggml.tokens"}).fields
     tokens = fields["tokenizer.ggml.tokens"].values
 

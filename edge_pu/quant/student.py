@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgePuError
+from ..gguf_header import file_type as gguf_file_type_id
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -35,9 +36,7 @@ def weights_tag(model_dir: Path) -> str:
 def gguf_file_type(path: Path) -> str:
     from gguf import LlamaFileType
 
-    from ..gguf_header import file_type
-
-    value = file_type(path)
+    value = gguf_file_type_id(path)
     if value is None:
         return "gguf:unknown"
     name = LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
