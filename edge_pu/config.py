@@ -138,6 +138,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO: scale of the summed log-ratio
     dist_beta: float = 5.0  # distribution variant: sharpness of q over mean-token log-ratios
     beta_kl: float = 0.04
+    kl_cap: float = 4.0  # k3 KL linear past ref - logp = kl_cap (algo.losses.k3_kl); 0 = off
     clip_eps: float = 0.2
     length_norm: str = "sequence"
     rounds: int = 1

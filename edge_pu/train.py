@@ -52,7 +52,8 @@ def loss_config(cfg: TrainConfig, units: Sequence[Unit] = ()) -> LossConfig:
     if cfg.algorithm == "grpo" and cfg.advantage_norm == "pooled" and units:
         adv_std = pooled_reward_std([u.target or [] for u in units])
     return LossConfig(beta=cfg.dist_beta if dist else cfg.beta, clip_eps=cfg.clip_eps,
-                      beta_kl=cfg.beta_kl, length_norm=norm, adv_std=adv_std)
+                      beta_kl=cfg.beta_kl, kl_cap=cfg.kl_cap, length_norm=norm,
+                      adv_std=adv_std)
 
 
 ANCHOR = -1  # the index pairs.jsonl gives the anchor when it joins a pair or a group

@@ -393,20 +393,23 @@ def _loss_inputs(lib: str) -> tuple[Any, list[tuple[str, Any]]]:
     ]
 
 
-@pytest.mark.parametrize(("loss", "norm"), [
-    ("dpo", "sequence"), ("grpo-advantage", "sequence"), ("grpo-advantage", "token"),
-    ("grpo-distribution", "sequence"), ("grpo-distribution", "none")])
+@pytest.mark.parametrize(("loss", "norm", "kl_cap"), [
+    ("dpo", "sequence", 4.0), ("grpo-advantage", "sequence", 4.0),
+    ("grpo-advantage", "token", 4.0), ("grpo-advantage", "sequence", 0.0),
+    ("grpo-advantage", "sequence", 0.05),
+    ("grpo-distribution", "sequence", 4.0), ("grpo-distribution", "none", 4.0)])
 @pytest.mark.mlx
 @pytest.mark.skipif(not HAS_MLX, reason=MLX_REASON)
-def test_mlx_losses_mirror_torch(loss: str, norm: str) -> None:
-    """Same loss, metrics and d loss / d token_logp (finite, 0 on padding) as the torch loss."""
+def test_mlx_losses_mirror_torch(loss: str, norm: str, kl_cap: float) -> None:
+    """Same loss, metrics and d loss / d token_logp (finite, 0 on padding) as the torch loss;
+    kl_cap 0.05 puts some tokens past the k3 KL's cap, 0 turns it off."""
     import mlx.core as mx
 
     from edge_pu.backends.mlx_losses import MLX_LOSSES, mlx_loss_for
 
     assert mlx_loss_for(LOSSES[loss]) is MLX_LOSSES[loss]
     assert mlx_loss_for(lambda x, c: LOSSES[loss](x, c)) is None
-    cfg = LossConfig(beta=0.7, beta_kl=0.1, clip_eps=0.2, length_norm=norm)
+    cfg = LossConfig(beta=0.7, beta_kl=0.1, clip_eps=0.2, length_norm=norm, kl_cap=kl_cap)
     leaf, cases = _loss_inputs("torch")
     make_t = dict(cases)[loss]
     out = LOSSES[loss](make_t(leaf), cfg)
@@ -425,6 +428,8 @@ def test_mlx_losses_mirror_torch(loss: str, norm: str) -> None:
     assert leaf.grad is not None
     assert np.allclose(np.array(grad), leaf.grad.numpy(), atol=1e-6)
     assert np.isfinite(np.array(grad)).all()
+    if loss == "grpo-advantage" and kl_cap == 0.05:
+        assert 0 < out.metrics["kl_capped_fraction"] < 1
 
 
 @pytest.mark.mlx

@@ -186,6 +186,36 @@ def test_k3_kl_value_and_gradient_by_hand() -> None:
     assert x.token_logp.grad.flatten().tolist() == pytest.approx([-0.02, 0.01], rel=1e-5)
 
 
+def test_k3_kl_turns_linear_past_its_cap_by_hand() -> None:
+    """Uniform d -> A = 0, loss = beta_kl * mean k3. logp = -1; row 0 ref - logp = 6 (past the
+    cap 4), row 1 ref - logp = 1 (inside it).
+    row 0, tangent at c = 4: e^4 - 4 - 1 + (e^4 - 1)(6 - 4) = 49.598150 + 107.196300 = 156.794450
+      (plain k3 would be e^6 - 7 = 396.428793); d k3 / d logp = -(e^4 - 1) = -53.598150;
+    row 1, plain k3: e - 2 = 0.718282; d k3 / d logp = 1 - e = -1.718282.
+    beta_kl 0.04 over 2 rows: loss = 0.02 (156.794450 + 0.718282) = 3.150255; grads
+    0.02 x (-53.598150, -1.718282) = (-1.071963, -0.0343656). One of two tokens is capped."""
+    def inputs() -> LossInputs:
+        return LossInputs(
+            token_logp=leaf([[-1.0], [-1.0]]),
+            ref_token_logp=torch.tensor([[5.0], [0.0]]),
+            mask=torch.ones(2, 1),
+            groups=torch.tensor([[0, 1]]),
+            target=torch.tensor([[0.5, 0.5]]),
+        )
+
+    x = inputs()
+    out = grpo_advantage_loss(x, LossConfig(beta_kl=0.04, kl_cap=4.0))
+    assert out.loss.item() == pytest.approx(3.150255, rel=1e-5)
+    assert out.metrics["kl_capped_fraction"] == 0.5
+    out.loss.backward()
+    assert x.token_logp.grad.flatten().tolist() == pytest.approx([-1.071963, -0.0343656], rel=1e-5)
+    plain = grpo_advantage_loss(inputs(), LossConfig(beta_kl=0.04, kl_cap=0.0))
+    assert plain.loss.item() == pytest.approx(0.02 * (396.428793 + 0.718282), rel=1e-5)
+    assert plain.metrics["kl_capped_fraction"] == 0.0
+    with pytest.raises(ValueError, match="kl_cap"):
+        LossConfig(kl_cap=-1.0)
+
+
 def test_listwise_kl_value_and_gradient_by_hand() -> None:
     """beta 0.5. Group 0: l = [0, 2 ln2, 4 ln2] -> beta l = [0, ln2, ln4] -> q = [1, 2, 4] / 7;
     d = [4, 2, 1] / 7 -> KL(d || q) = 4/7 ln4 + 2/7 ln1 + 1/7 ln(1/4) = 3/7 ln4 = 0.594126.

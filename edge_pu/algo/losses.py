@@ -52,6 +52,10 @@ class LossConfig:
     beta: float = 0.1  # DPO beta; distribution-variant beta (sharpness of q)
     clip_eps: float = 0.2  # GRPO ratio clip
     beta_kl: float = 0.04  # GRPO weight of the KL(pi || pi_ref) penalty
+    # Where the k3 KL turns linear: past ref - logp = kl_cap it continues along its tangent, so
+    # one token that fell far below the reference pulls with at most beta_kl (e^kl_cap - 1)
+    # instead of beta_kl e^(ref - logp) (`k3_kl`). 0 = the plain k3.
+    kl_cap: float = 4.0
     length_norm: str = "sequence"
     eps: float = 1e-6  # advantage std floor; a group with std(r) <= eps has zero advantage
     # > 0: divide every group's centred rewards by this one number (the round's pooled std of
@@ -67,8 +71,9 @@ class LossConfig:
         for name in ("beta", "clip_eps", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossConfig.{name} is {getattr(self, name)}: it must be > 0")
-        if not self.beta_kl >= 0:
-            raise ValueError(f"LossConfig.beta_kl is {self.beta_kl}: it must be >= 0")
+        for name in ("beta_kl", "kl_cap"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"LossConfig.{name} is {getattr(self, name)}: it must be >= 0")
         if not self.adv_std >= 0:
             raise ValueError(f"LossConfig.adv_std is {self.adv_std}: it must be >= 0")
 
@@ -190,6 +195,22 @@ _AGGREGATE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def k3_kl(ref_minus: Tensor, cap: float) -> Tensor:
+    """Schulman's k3 estimate of KL(pi || pi_ref) per token, x = ref - logp:
+      k3(x) = e^x - x - 1                                    for x <= cap (or cap = 0),
+      k3(cap) + k3'(cap) (x - cap) = e^c - c - 1 + (e^c - 1)(x - c)   for x > cap = c.
+    Value and slope are continuous at c; past it the gradient stays e^c - 1. Why: after a few
+    steps one token of a pushed-down candidate can sit 6-7 nats under the reference, and plain
+    k3 then gives it e^6.6 ~ 735 (seen at 0.5B: kl 734, grad norm 2566 in one GRPO step), so the
+    clipped step is spent on that token alone. verl's low_var_kl clamps the value at 10 instead,
+    which leaves such a token no pull back at all; the tangent keeps a bounded one."""
+    if cap <= 0:
+        return torch.exp(ref_minus) - ref_minus - 1.0
+    inside = ref_minus.clamp(max=cap)
+    e = torch.exp(inside)
+    return e - inside - 1.0 + (e - 1.0) * (ref_minus - inside)
+
+
 def grpo_advantage_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     """LDL-GRPO, `advantage` variant: clipped surrogate with A from r = K d, plus k3 KL.
 
@@ -197,7 +218,7 @@ def grpo_advantage_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
       ratio = exp(logp - old_logp)
       surrogate = min(ratio A_i, clip(ratio, 1 - clip_eps, 1 + clip_eps) A_i)
       kl = exp(ref - logp) - (ref - logp) - 1  (Schulman's k3: unbiased, >= 0, and its
-           gradient vanishes where logp == ref)
+           gradient vanishes where logp == ref; linear past ref - logp = kl_cap: `k3_kl`)
       loss_t = -(surrogate - beta_kl kl)
     then aggregated per `cfg.length_norm` ("sequence" or "token"). Rows in no group are
     ignored; a row in two groups counts twice. With old = current (one step per batch) ratio
@@ -221,9 +242,10 @@ def grpo_advantage_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
     low, high = 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps
     surrogate = torch.minimum(ratio * adv_tok, ratio.clamp(low, high) * adv_tok)
     ref_minus = _masked(ref - logp, mask)
-    kl = torch.exp(ref_minus) - ref_minus - 1.0
+    kl = k3_kl(ref_minus, cfg.kl_cap)
     per_token = -(surrogate - cfg.beta_kl * kl)
     loss = _AGGREGATE[cfg.length_norm](per_token, mask)
+    capped = (ref_minus > cfg.kl_cap) if cfg.kl_cap > 0 else torch.zeros_like(mask)
 
     # A token is clipped when min() picked the clipped term and so passes no gradient.
     clipped = ((ratio < low) & (adv_tok < 0)) | ((ratio > high) & (adv_tok > 0))
@@ -231,6 +253,7 @@ def grpo_advantage_loss(x: LossInputs, cfg: LossConfig) -> LossOutput:
         loss=loss,
         kl=_token_mean(kl, mask),
         clip_fraction=_token_mean(clipped.float(), mask),
+        kl_capped_fraction=_token_mean(capped.float(), mask),
         adv_abs_mean=adv.abs().mean(),
         zero_variance_groups=(adv.abs().sum(-1) == 0).sum(),
     )

@@ -145,7 +145,15 @@ def grpo_advantage_loss(x: MLXLossInputs, cfg: Any) -> tuple[mx.array, Metrics]:
     low, high = 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps
     surrogate = mx.minimum(ratio * adv_tok, mx.clip(ratio, low, high) * adv_tok)
     ref_minus = _masked(ref - logp, mask)
-    kl = mx.exp(ref_minus) - ref_minus - 1.0
+    cap = getattr(cfg, "kl_cap", 0.0)
+    if cap > 0:  # k3 continued along its tangent past ref - logp = cap (losses.k3_kl)
+        inside = mx.minimum(ref_minus, cap)
+        e = mx.exp(inside)
+        kl = e - inside - 1.0 + (e - 1.0) * (ref_minus - inside)
+        capped = (ref_minus > cap).astype(mx.float32)
+    else:
+        kl = mx.exp(ref_minus) - ref_minus - 1.0
+        capped = mx.zeros_like(ref_minus)
     per_token = -(surrogate - cfg.beta_kl * kl)
     loss = _AGGREGATE[cfg.length_norm](per_token, mask)
 
@@ -154,6 +162,7 @@ def grpo_advantage_loss(x: MLXLossInputs, cfg: Any) -> tuple[mx.array, Metrics]:
         "loss": loss,
         "kl": _token_mean(kl, mask),
         "clip_fraction": _token_mean(clipped.astype(mx.float32), mask),
+        "kl_capped_fraction": _token_mean(capped, mask),
         "adv_abs_mean": mx.abs(adv).mean(),
         "zero_variance_groups": (mx.abs(adv).sum(-1) == 0).sum(),
     }
