@@ -93,7 +93,7 @@ def resident_rss_mb(model: Any) -> float:
     memory the first sampling or training step used."""
     import torch
 
-    from edge_pu.eval.measure import rss_bytes
+    from edge_pu.measure import rss_bytes
 
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):

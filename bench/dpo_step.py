@@ -75,7 +75,7 @@ def _edge_pu(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.algo.losses import LOSSES, LossConfig
     from edge_pu.backends import TrainBatch, make_backend
     from edge_pu.config import load_config
-    from edge_pu.eval.measure import Stages
+    from edge_pu.measure import Stages
 
     cfg = load_config(None, base={
         "student": {"path": spec["model_dir"], "dtype": spec["dtype"],
@@ -117,7 +117,7 @@ def _trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from edge_pu.eval.measure import Stages
+    from edge_pu.measure import Stages
 
     dtype = getattr(torch, spec["dtype"])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])

@@ -54,7 +54,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from edge_pu.backends import make_backend
     from edge_pu.config import SamplingConfig, load_config
     from edge_pu.demo import DEFAULTS
-    from edge_pu.eval.measure import Stages, rss_bytes
+    from edge_pu.measure import Stages, rss_bytes
     from edge_pu.tasks import generate_tasks
 
     base = json.loads(json.dumps(DEFAULTS))

@@ -17,7 +17,9 @@ Run dir layout (every JSONL is append-only and fsynced per record, so a killed r
   state/sft/             the SFT stage's adapter (resume point; the PU stage's reference)
   state/round-N/         adapter + optimizer + RNG after round N (resume point)
   adapter/               the final PEFT adapter (peft.PeftModel.from_pretrained loads it)
-  summary.json           what happened, in numbers
+  summary.json           what happened, in numbers; `stages`: wall time and peak RSS of each
+                         stage (load, sft, sample, rank, reference, train; edge_pu.measure)
+                         beside the memory planner's prediction for it (`memory_plan`)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .config import RunConfig, config_to_dict, dump_config
 from .data import Prompt, check_prompt_lengths, load_data, prompt_ids
 from .errors import EdgePuError
 from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
+from .measure import MB, Stages
 from .teachers import make_teacher
 
 # Sections whose change leaves earlier stages valid (export re-runs from the adapter).
@@ -208,6 +211,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     over the ranks."""
     t0 = time.time()
     main = dist.world().main
+    meter = Stages()
     run_dir = dist.main_does(lambda: prepare_run_dir(cfg, restart=restart))
     print("[config] resolved:\n" + dump_config(cfg), flush=True)
     prompts = load_data(cfg.data)
@@ -220,7 +224,8 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
         check_fits(cfg, model_config_path(cfg.student.path))  # refuse before loading anything
         backend = make_backend(cfg.backend)
         print(f"[backend] {backend.name}: loading {cfg.student.path}", flush=True)
-        backend.load(cfg)
+        with meter.stage("load"):
+            backend.load(cfg)
     check_prompt_lengths(prompts, [len(prompt_ids(backend, p)) for p in prompts],
                          max_length=cfg.student.max_length,
                          max_new_tokens=cfg.sampling.max_new_tokens, source=cfg.data.prompts)
@@ -239,7 +244,8 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
             from .sft import run_sft
 
             ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
-            result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
+            with meter.stage("sft"):
+                result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
             dist.barrier()  # rank 0 has saved the SFT state
             if sampler is not None:  # round 1 samples from the SFT policy
                 adapter = run_dir / "sampler" / "adapter-sft"
@@ -259,7 +265,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                 backend.save_adapter(adapter)
                 sampler.refresh(adapter, f"r{r - 1}")
             result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r,
-                                            sampler))
+                                            sampler, meter))
             # Written beside, then renamed: a crash mid-save never leaves a half state that
             # looks complete.
             if main:
@@ -278,7 +284,8 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     backend.save_adapter(run_dir / "adapter")
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
                "anchored": len(anchors), "teacher_requests_total":
-               AnchorStore(run_dir).requests_made(), "sft": result.sft, "rounds": result.rounds}
+               AnchorStore(run_dir).requests_made(), "sft": result.sft, "rounds": result.rounds,
+               **stage_memory(cfg, backend, meter)}
     if cfg.export.formats:
         from .export_stage import export_run
 
@@ -291,6 +298,36 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"[done] adapter in {run_dir / 'adapter'} ({result.seconds:.0f}s)", flush=True)
     return result
+
+
+def stage_memory(cfg: RunConfig, backend: Any, meter: Stages) -> dict[str, Any]:
+    """summary.json's `stages` (each stage's seconds and peak RSS) and `memory_plan` (the
+    planner's predicted peak per stage, runtime included, for this config), printed side by
+    side. The prediction is for RSS, so it is compared on the CPU backend only."""
+    out: dict[str, Any] = {"stages": meter.as_list()}
+    predicted: dict[str, float] = {}
+    if getattr(backend, "name", "") == "cpu" and cfg.student.path:
+        from .planner import model_config_path, plan
+
+        try:
+            p = plan(cfg, model_config_path(cfg.student.path), budget_bytes=2**62,
+                     backend="cpu")
+            predicted = {st.name: round((st.total + p.runtime_bytes) / MB, 1)
+                         for st in p.stages}
+        except (EdgePuError, OSError, ValueError, KeyError):
+            predicted = {}  # a student the planner cannot size: measured numbers only
+        out["memory_plan"] = predicted
+    lines = []
+    for rec in out["stages"]:
+        want = predicted.get(rec["name"])
+        vs = (f", planned {want:,.0f} MiB ({rec['peak_rss_mb'] / want - 1:+.0%})"
+              if want else "")
+        lines.append(f"  {rec['name']:<10} {rec['seconds']:>8.1f} s  peak RSS "
+                     f"{rec['peak_rss_mb']:>8,.0f} MiB{vs}"
+                     + ("" if rec["peak_exact"] else " (upper bound)"))
+    if lines:
+        print("[stages] wall time and peak memory:\n" + "\n".join(lines), flush=True)
+    return out
 
 
 def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
@@ -311,14 +348,17 @@ def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
 
 
 def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
-               anchors: dict[str, str], run_dir: Path, r: int, sampler: Any = None
-               ) -> dict[str, Any]:
+               anchors: dict[str, str], run_dir: Path, r: int, sampler: Any = None,
+               meter: Stages | None = None) -> dict[str, Any]:
     # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
     from .sft import anchor_completion
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
-    cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
-    scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
+    meter = meter or Stages()
+    with meter.stage("sample", round=r):
+        cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
+    with meter.stage("rank", round=r):
+        scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
     ids = {pid: prompt_ids(backend, by_id[pid]) for pid in cands}
     units, records, counts = build_units(
         cfg.train, ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},
@@ -352,7 +392,8 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     grpo = cfg.train.algorithm == "grpo"
     # The sampling policy's log-probs are the GRPO ratio's denominator, and for both algorithms
     # give the round's KL(pi || ref) estimate: E over sampled rows of sum(log pi - log ref).
-    attach_logprobs(backend, units, need_old=True, batch=cfg.ranker.batch_size)
+    with meter.stage("reference", round=r):
+        attach_logprobs(backend, units, need_old=True, batch=cfg.ranker.batch_size)
     # Over the distinct sampled candidates only: the anchor rows were not drawn from the policy.
     rows = _candidate_rows(units, records)
     seq_kl = [sum((u.old or [])[j]) - sum((u.ref or [])[j]) for u, j in rows]
@@ -374,7 +415,8 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         bar.set_postfix(loss=f"{m['loss']:.4f}")
         bar.update(1)
 
-    train(backend, units, cfg.train, round_idx=r, on_step=on_step)
+    with meter.stage("train", round=r):
+        train(backend, units, cfg.train, round_idx=r, on_step=on_step)
     bar.close()
     diag["kl_to_reference_end"] = _trained_kl(backend, rows, max(1, cfg.ranker.batch_size))
     for key in ("loss", "reward_margin", "reward_accuracy", "kl", "log_ratio"):

@@ -8,6 +8,7 @@ probability mass toward the top-ranked candidates.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,17 @@ def test_run_dir_holds_every_stage(dpo_run) -> None:
     steps = [m for m in metrics if "step" in m and m.get("stage") != "sft"]
     assert [m["step"] for m in steps] == list(range(1, cfg.train.steps + 1))
     assert {"loss", "reward_margin", "reward_accuracy"} <= set(steps[0])
+    # Each stage's wall time and peak RSS (reset per stage: exact on Linux), beside the
+    # planner's prediction for the same stage name.
+    summary = json.loads((d / "summary.json").read_text())
+    stages = {st["name"]: st for st in summary["stages"]}
+    assert list(stages) == ["load", "sft", "sample", "rank", "reference", "train"]
+    for st in stages.values():
+        assert st["peak_rss_mb"] >= st["rss_start_mb"] > 0 and st["seconds"] >= 0
+        assert st["peak_exact"] is sys.platform.startswith("linux")
+    assert all(stages[n]["round"] == 1 for n in ("sample", "rank", "reference", "train"))
+    assert set(summary["memory_plan"]) >= set(stages)
+    assert all(v > 0 for v in summary["memory_plan"].values())
 
 
 def test_adapter_loads_with_peft_and_changes_outputs(dpo_run, tiny_llama_dir: Path) -> None:

@@ -25,10 +25,10 @@ from ..data import prompt_ids as chat_prompt_ids
 from ..errors import EdgePuError
 from ..evaluate import greedy_answers, score
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
+from ..measure import Stages
 from ..rank import RankItem
 from ..tasks import Task, check, passed
 from ..teachers import make_teacher
-from .measure import Stages
 from .methods import Method, reset_adapter
 from .ranking import RANK_SPECS, score_items
 

@@ -20,7 +20,7 @@ disjoint sets), with the oracle teacher unless the config names another:
 5. `--benchmark ifeval`: IFEval (edge_pu.eval.ifeval) for the untrained student, sft, sft-best
    and the default, prompt- and instruction-level accuracy, strict and loose;
 6. teacher calls per prompt, counted from every teacher_ledger.jsonl under DIR;
-7. wall time and peak memory of every stage (edge_pu.eval.measure).
+7. wall time and peak memory of every stage (edge_pu.measure).
 Writes DIR/results.json, DIR/results.md and DIR/plots/*.png (edge_pu.eval.report).
 
 Rerunning the same command resumes: anchors, candidates, scores and finished methods
@@ -43,10 +43,10 @@ from ..data import Prompt, load_prompts
 from ..data import prompt_ids as chat_prompt_ids
 from ..errors import EdgePuError
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
+from ..measure import Stages
 from ..tasks import FAMILIES, check, generate_tasks, split, to_jsonl_rows
 from ..teachers import make_teacher
 from ..train import plan_steps
-from .measure import Stages
 from .methods import DEFAULT_METHODS, QUICK_METHODS, method_named, reset_adapter
 from .ranking import RANK_SPECS, summarize
 from .runners import (

@@ -11,8 +11,10 @@
 - `cuda_peak_mb`: torch.cuda.max_memory_allocated() over the stage, when torch is already
   imported and sees a GPU (host RSS says nothing about GPU memory).
 
-tracemalloc cannot see torch's allocations (they bypass Python's allocator), hence RSS. Stages
-must not nest: an inner stage's reset would hide the outer stage's earlier peak.
+tracemalloc cannot see torch's allocations (they bypass Python's allocator), hence RSS. A stage
+opened inside another (an `edge-pu run`'s stages inside an evaluation's method stage) does not
+reset the mark, which would hide the outer stage's earlier peak: its peak is then the running
+high-water mark since the outer stage began, an upper bound (`peak_exact: false`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MB = 2**20
+_open = [0]  # stages open in this process (any Stages object)
 
 
 def rss_bytes() -> int:
@@ -101,12 +104,14 @@ class Stages:
             cuda.synchronize()
             cuda.reset_peak_memory_stats()
         start = rss_bytes()
-        exact = reset_peak()
+        exact = _open[0] == 0 and reset_peak()
+        _open[0] += 1
         t0 = time.perf_counter()
         info: dict[str, Any] = dict(extra)
         try:
             yield info
         finally:
+            _open[0] -= 1
             if cuda is not None:
                 cuda.synchronize()
             seconds = time.perf_counter() - t0
