@@ -3,6 +3,8 @@
 Models (`--model`):
 - `smollm2`: SmolLM2-135M-Instruct, the demo student (edge_pu.demo.find_demo_student), as the
   HF folder edge_pu.quant.student.resolve_student makes from its GGUF;
+- `qwen-0.5b`, `qwen-1.5b`: the real Qwen2.5-Coder-Instruct Q4_K_M GGUFs of `edge-pu fetch`
+  (from the cache; the bench fetches nothing), as the folder their dequantization makes;
 - `qwen2.5-0.5b`, `qwen2.5-1.5b`: random weights of those shapes, built from a config only (no
   hub), saved once under $EDGE_PU_CACHE/bench/ with the SmolLM2 tokenizer (its ids fit the
   larger vocabulary; the speed of a random model does not depend on what the tokens mean);
@@ -44,6 +46,10 @@ def student_path(name: str) -> Path:
         from edge_pu.demo import find_demo_student
 
         return find_demo_student()
+    if name in ("qwen-0.5b", "qwen-1.5b"):
+        from edge_pu.fetch import resolve_model_name
+
+        return Path(resolve_model_name(name, "--model"))
     return model_dir(name)
 
 
@@ -52,6 +58,10 @@ def model_dir(name: str) -> Path:
         return smollm2_dir()
     if name in QWEN_SHAPES:
         return random_qwen_dir(name)
+    if name in ("qwen-0.5b", "qwen-1.5b"):
+        from edge_pu.quant.student import resolve_student
+
+        return resolve_student(str(student_path(name)))[0]
     path = Path(name)
     if not (path / "config.json").exists():
         raise SystemExit(f"--model {name}: not smollm2, {', '.join(QWEN_SHAPES)} or an HF folder")

@@ -43,6 +43,13 @@ nh heads of width d, kv = n_kv_heads*d, V vocab, r LoRA rank, N rows in one forw
   layer's working set N*T*((3h + 3I) + T)*e and one logits chunk (two fp32 copies).
 - sampling: the KV cache 2*L*K*T*kv*e, the prefill's logits (T-C)*V*e, and one layer's cache
   being regrown by torch.cat.
+- `sampling.engine: llama-cpp` (`llamacpp_bytes`) instead: the GGUF it maps (its pages resident
+  once the first decode has read them, so from `sample` on, in every later stage too: the
+  sampler lives until the run ends), the LoRA as f32, its f16 KV cache of n_ctx cells (sized as
+  edge_pu.backends.llamacpp_sampler sizes it), the compute buffer, dominated by the logits of one
+  micro-batch of min(512, n_ctx) tokens (4*V each), and the output buffer (4*V per sequence).
+  Measured on the 0.5B student (9 x 2 task prompts, K = 4, T = 160): sample +1%, rank and
+  reference -2% against the measured peak, where the torch-only formulas were 20-25% under.
 - data-parallel (torchrun, `--nproc N`; edge_pu.distributed): every rank holds the whole model,
   adapter and optimizer and runs micro-batches of the configured size, so the table is per rank;
   N ranks share one host's RAM on CPU (the budget is divided by the host's ranks), each has its
@@ -151,6 +158,32 @@ def shared_prefix_activations(s: ModelShape, targets: tuple[str, ...], r: int, e
     return prompt + answer + kept_kv + head
 
 
+# = edge_pu.backends.llamacpp_sampler's (a test checks): llama.cpp's sequence limit, the rows
+# past which each sequence gets its own KV stream, and a stream's cells; llama-cpp-python's
+# default micro-batch (n_ubatch)
+LLAMA_MAX_SEQUENCES, LLAMA_UNIFIED_MAX_ROWS, LLAMA_STREAM_CELLS, LLAMA_UBATCH = 256, 32, 256, 512
+IMPORT_BYTES = {"q8_0": 34 / 32, "q4_0": 18 / 32, "f16": 2.0}  # per weight, student.import_as
+
+
+def llamacpp_bytes(cfg: RunConfig, s: ModelShape, T: int, C: int) -> int:
+    """Resident bytes of the llama.cpp sampler once it has decoded (see the module docstring)."""
+    k = cfg.sampling.k
+    if cfg.student.import_as:
+        gguf, kv_e = int(s.param_count() * IMPORT_BYTES.get(cfg.student.import_as, 2.0)), 2
+    elif s.gguf:
+        gguf, kv_e = s.file_bytes, 2
+    else:  # an HF folder is sampled from an f32 copy, with an f32 KV cache
+        gguf, kv_e = s.param_count() * 4, 4
+    prompts = max(1, min(cfg.sampling.prompt_batch, LLAMA_MAX_SEQUENCES // k))
+    if prompts * k <= LLAMA_UNIFIED_MAX_ROWS:
+        n_ctx = prompts * (T + (k - 1) * C)
+    else:
+        n_ctx = prompts * k * LLAMA_STREAM_CELLS
+    kv = n_ctx * s.layers * 2 * s.kv_dim * kv_e
+    buffers = (min(LLAMA_UBATCH, n_ctx) + prompts * k) * 4 * s.vocab
+    return gguf + 4 * lora_params(s, cfg.lora.target_modules, cfg.lora.r) + kv + buffers
+
+
 def _logit_rows(s: ModelShape, tokens: int) -> int:
     return max(1, min(tokens, LOGIT_CHUNK_BYTES // (4 * s.vocab)))
 
@@ -166,33 +199,38 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     out = [Stage("load", (w, ("load transient", _load_transient(cfg, s))))]
 
     kv = 2 * L * st.k_chunk * T * s.kv_dim * e
-    out.append(Stage("sample", (w, lora, (f"KV cache {st.k_chunk} rows x {T}", kv),
-                                ("prefill logits", (T - C) * s.vocab * e),
-                                ("cache regrowth", kv // (2 * L)),
-                                ("decode step", st.k_chunk * ((3 * h + 3 * i) * e
-                                                              + 24 * s.vocab)))))
+    cpp = (("llama.cpp sampler (GGUF, LoRA, KV)", llamacpp_bytes(cfg, s, T, C)),)
+    if cfg.sampling.engine != "llama-cpp":
+        cpp = ()
+        out.append(Stage("sample", (w, lora, (f"KV cache {st.k_chunk} rows x {T}", kv),
+                                    ("prefill logits", (T - C) * s.vocab * e),
+                                    ("cache regrowth", kv // (2 * L)),
+                                    ("decode step", st.k_chunk * ((3 * h + 3 * i) * e
+                                                                  + 24 * s.vocab)))))
+    else:  # llama.cpp samples; torch holds only the weights and the adapter meanwhile
+        out.append(Stage("sample", (w, lora, *cpp)))
     R = st.rank_batch
     hidden = ("final hidden states", R * T * h * e)
     layer = R * T * ((3 * h + 3 * i) * e + T * e)  # one layer's working set, mask included
     chunk = _logit_rows(s, R * C) * s.vocab * (8 + (0 if e == 4 else 2))
     if cfg.ranker.mode == "judge":
-        out.append(Stage("rank", (w, lora, hidden, ("max(layer, next-token logits)",
-                                                    max(layer, R * s.vocab * 8)))))
+        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, next-token logits)",
+                                                          max(layer, R * s.vocab * 8)))))
     elif cfg.ranker.mode == "likelihood":
-        out.append(Stage("rank", (w, lora, hidden, ("max(layer, logits chunk)",
-                                                    max(layer, chunk)))))
+        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
+                                                          max(layer, chunk)))))
     elif cfg.ranker.mode == "recall":  # each row scores the anchor after prompt + draft
         A = max(1, min(cfg.teacher.max_tokens + 1, T - 1))
         chunk_a = _logit_rows(s, R * A) * s.vocab * (8 + (0 if e == 4 else 2))
-        out.append(Stage("rank", (w, lora, hidden, ("max(layer, logits chunk)",
-                                                    max(layer, chunk_a)))))
-    out.append(Stage("reference", (w, lora, hidden, ("max(layer, logits chunk)",
-                                                     max(layer, chunk)))))
+        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
+                                                          max(layer, chunk_a)))))
+    out.append(Stage("reference", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
+                                                           max(layer, chunk)))))
 
     group = cfg.sampling.k + (1 if cfg.train.anchor == "positive" else 0)  # K + the anchor
     units = st.micro_batch
     rows = units * (2 if cfg.train.algorithm == "dpo" else group)
-    out.append(_train_stage("train", cfg, s, st, (w, lora), units, rows, C))
+    out.append(_train_stage("train", cfg, s, st, (w, lora, *cpp), units, rows, C))
     if cfg.sft.enabled:  # stage 1: micro_batch distinct prompts, each with its whole anchor
         A = max(1, min(cfg.teacher.max_tokens + 1, T - 1))
         out.append(_train_stage("sft", cfg, s, st, (w, lora), cfg.sft.micro_batch,

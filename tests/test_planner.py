@@ -148,6 +148,42 @@ def test_logit_chunk_matches_the_backend() -> None:
     assert LOGIT_CHUNK_BYTES == torch_backend.LOGIT_CHUNK_BYTES
 
 
+def test_llama_cpp_sampler_is_planned_from_sampling_on_by_hand() -> None:
+    """Qwen2.5-0.5B shape as an HF folder: llama.cpp samples an f32 copy (param_count x 4 bytes)
+    with an f32 KV cache. K = 4, prompt_batch 8: 32 rows, one unified cache of
+    n_ctx = 8 x (160 + 3 x 40) = 2240 cells: KV 2240 x 24 layers x 2 x 128 x 4 B = 55,050,240;
+    buffers (min(512, 2240) + 32 sequences) x 4 x 151,936 = 330,612,736; LoRA r 16 on all seven
+    modules 8,798,208 params x 4 B = 35,192,832. K = 8: 64 rows > 32, so 64 streams of 256 cells
+    = 16,384 cells: KV 402,653,184; buffers (512 + 64) x 4 x 151,936 = 350,060,544."""
+    from edge_pu.backends import llamacpp_sampler as ls
+    from edge_pu.planner import (
+        LLAMA_MAX_SEQUENCES,
+        LLAMA_STREAM_CELLS,
+        LLAMA_UNIFIED_MAX_ROWS,
+        llamacpp_bytes,
+    )
+
+    assert (LLAMA_MAX_SEQUENCES, LLAMA_UNIFIED_MAX_ROWS, LLAMA_STREAM_CELLS) == (
+        ls.MAX_SEQUENCES, ls.UNIFIED_MAX_ROWS, ls.STREAM_CELLS)
+    s = ModelShape.from_config(QWEN05)
+    weights = s.param_count() * 4
+    cfg = cfg_of(student={"max_length": 160}, sampling={"k": 4, "max_new_tokens": 40,
+                                                         "engine": "llama-cpp"})
+    assert llamacpp_bytes(cfg, s, 160, 40) == weights + 55_050_240 + 330_612_736 + 35_192_832
+    cfg8 = cfg_of(student={"max_length": 160}, sampling={"k": 8, "max_new_tokens": 40,
+                                                          "engine": "llama-cpp"})
+    assert llamacpp_bytes(cfg8, s, 160, 40) == weights + 402_653_184 + 350_060_544 + 35_192_832
+    part = "llama.cpp sampler (GGUF, LoRA, KV)"
+    by = {x.name: dict(x.parts) for x in stages(cfg, s, Settings(160, 2, False, 8, 4))}
+    assert all(by[n][part] == llamacpp_bytes(cfg, s, 160, 40)
+               for n in ("sample", "rank", "reference", "train"))
+    assert part not in by["sft"] and part not in by["load"]
+    assert not any(name.startswith("KV cache") for name in by["sample"])  # torch samples nothing
+    torch_only = {x.name: dict(x.parts) for x in stages(cfg_of(student={"max_length": 160}), s,
+                                                       Settings(160, 2, False, 8, 4))}
+    assert all(part not in parts for parts in torch_only.values())
+
+
 def test_check_fits_reads_only_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(QWEN05))  # no weights at all
     cfg = cfg_of(device="laptop-cpu-8gb", student={"path": str(tmp_path), "max_length": 1024},
