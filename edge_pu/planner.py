@@ -48,8 +48,9 @@ nh heads of width d, kv = n_kv_heads*d, V vocab, r LoRA rank, N rows in one forw
   sampler lives until the run ends), the LoRA as f32, its f16 KV cache of n_ctx cells (sized as
   edge_pu.backends.llamacpp_sampler sizes it), the compute buffer, dominated by the logits of one
   micro-batch of min(512, n_ctx) tokens (4*V each), and the output buffer (4*V per sequence).
-  Measured on the 0.5B student (9 x 2 task prompts, K = 4, T = 160): sample +1%, rank and
-  reference -2% against the measured peak, where the torch-only formulas were 20-25% under.
+  Measured peak RSS on the 0.5B student (18 task prompts, K = 4, T = 160) against this plan:
+  sample +1%, rank and reference -2% (-6% to -2% at K = 2, T = 80), where the plan without
+  this term was 20-25% under.
 - data-parallel (torchrun, `--nproc N`; edge_pu.distributed): every rank holds the whole model,
   adapter and optimizer and runs micro-batches of the configured size, so the table is per rank;
   N ranks share one host's RAM on CPU (the budget is divided by the host's ranks), each has its
