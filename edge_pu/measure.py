@@ -1,4 +1,5 @@
-"""Wall time and peak memory of one stage of work, for the evaluation suite and the benchmarks.
+"""Wall time and peak memory of one stage of work, for `edge-pu run`, the evaluation suite and
+the benchmarks.
 
 `Stages().stage(name)` is a context manager that records, for the code inside it:
 - `seconds`: wall time (time.perf_counter);
@@ -13,8 +14,8 @@
 
 tracemalloc cannot see torch's allocations (they bypass Python's allocator), hence RSS. A stage
 opened inside another (an `edge-pu run`'s stages inside an evaluation's method stage) does not
-reset the mark, which would hide the outer stage's earlier peak: its peak is then the running
-high-water mark since the outer stage began, an upper bound (`peak_exact: false`).
+reset the marks (RSS, CUDA), which would hide the outer stage's earlier peak: its peak is then
+the running high-water mark since the outer stage began, an upper bound (`peak_exact: false`).
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class Stages:
     def stage(self, name: str, **extra: Any) -> Iterator[dict[str, Any]]:
         """Yields a dict the caller may fill with more fields (e.g. tokens) for the record."""
         cuda = _cuda()
+        outermost = _open[0] == 0
         if cuda is not None:
             cuda.synchronize()
-            cuda.reset_peak_memory_stats()
+            if outermost:
+                cuda.reset_peak_memory_stats()
         start = rss_bytes()
-        exact = _open[0] == 0 and reset_peak()
+        exact = outermost and reset_peak()
         _open[0] += 1
         t0 = time.perf_counter()
         info: dict[str, Any] = dict(extra)

@@ -306,7 +306,7 @@ def stage_memory(cfg: RunConfig, backend: Any, meter: Stages) -> dict[str, Any]:
     side. The prediction is for RSS, so it is compared on the CPU backend only."""
     out: dict[str, Any] = {"stages": meter.as_list()}
     predicted: dict[str, float] = {}
-    if getattr(backend, "name", "") == "cpu" and cfg.student.path:
+    if getattr(backend, "name", "") == "cpu":
         from .planner import model_config_path, plan
 
         try:
@@ -348,13 +348,12 @@ def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
 
 
 def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
-               anchors: dict[str, str], run_dir: Path, r: int, sampler: Any = None,
-               meter: Stages | None = None) -> dict[str, Any]:
+               anchors: dict[str, str], run_dir: Path, r: int, sampler: Any,
+               meter: Stages) -> dict[str, Any]:
     # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
     from .sft import anchor_completion
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
-    meter = meter or Stages()
     with meter.stage("sample", round=r):
         cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
     with meter.stage("rank", round=r):

@@ -199,34 +199,33 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     lora = ("LoRA params+grads+AdamW", 16 * n_lora)
     out = [Stage("load", (w, ("load transient", _load_transient(cfg, s))))]
 
-    kv = 2 * L * st.k_chunk * T * s.kv_dim * e
-    cpp = (("llama.cpp sampler (GGUF, LoRA, KV)", llamacpp_bytes(cfg, s, T, C)),)
-    if cfg.sampling.engine != "llama-cpp":
+    if cfg.sampling.engine == "llama-cpp":  # llama.cpp samples; torch holds weights + adapter
+        cpp = (("llama.cpp sampler (GGUF, LoRA, KV)", llamacpp_bytes(cfg, s, T, C)),)
+        out.append(Stage("sample", (w, lora, *cpp)))
+    else:
         cpp = ()
+        kv = 2 * L * st.k_chunk * T * s.kv_dim * e
         out.append(Stage("sample", (w, lora, (f"KV cache {st.k_chunk} rows x {T}", kv),
                                     ("prefill logits", (T - C) * s.vocab * e),
                                     ("cache regrowth", kv // (2 * L)),
                                     ("decode step", st.k_chunk * ((3 * h + 3 * i) * e
                                                                   + 24 * s.vocab)))))
-    else:  # llama.cpp samples; torch holds only the weights and the adapter meanwhile
-        out.append(Stage("sample", (w, lora, *cpp)))
     R = st.rank_batch
-    hidden = ("final hidden states", R * T * h * e)
+    scoring = (w, lora, *cpp, ("final hidden states", R * T * h * e))
     layer = R * T * ((3 * h + 3 * i) * e + T * e)  # one layer's working set, mask included
     chunk = _logit_rows(s, R * C) * s.vocab * (8 + (0 if e == 4 else 2))
     if cfg.ranker.mode == "judge":
-        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, next-token logits)",
-                                                          max(layer, R * s.vocab * 8)))))
+        out.append(Stage("rank", (*scoring, ("max(layer, next-token logits)",
+                                             max(layer, R * s.vocab * 8)))))
     elif cfg.ranker.mode == "likelihood":
-        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
-                                                          max(layer, chunk)))))
+        out.append(Stage("rank", (*scoring, ("max(layer, logits chunk)", max(layer, chunk)))))
     elif cfg.ranker.mode == "recall":  # each row scores the anchor after prompt + draft
         A = max(1, min(cfg.teacher.max_tokens + 1, T - 1))
         chunk_a = _logit_rows(s, R * A) * s.vocab * (8 + (0 if e == 4 else 2))
-        out.append(Stage("rank", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
-                                                          max(layer, chunk_a)))))
-    out.append(Stage("reference", (w, lora, *cpp, hidden, ("max(layer, logits chunk)",
-                                                           max(layer, chunk)))))
+        out.append(Stage("rank", (*scoring, ("max(layer, logits chunk)",
+                                             max(layer, chunk_a)))))
+    out.append(Stage("reference", (*scoring, ("max(layer, logits chunk)",
+                                              max(layer, chunk)))))
 
     group = cfg.sampling.k + (1 if cfg.train.anchor == "positive" else 0)  # K + the anchor
     units = st.micro_batch
