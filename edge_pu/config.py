@@ -89,6 +89,9 @@ class RankerConfig:
     judge: str = "initial"  # initial (frozen starting student) | current (the policy)
     judge_style: str = "yesno"  # yesno | rating
     batch_size: int = 8
+    # backend | llama-cpp (the scoring passes through the model sampling.engine: llama-cpp
+    # opens, on the same weights; bench/scoring.py measures both)
+    engine: str = "backend"
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.algorithm": ("dpo", "grpo"),
     "train.grpo_variant": ("advantage", "distribution"),
     "sampling.engine": ("backend", "llama-cpp"),
+    "ranker.engine": ("backend", "llama-cpp"),
     "data.format": ("auto", "jsonl", "json", "csv", "parquet", "datasets"),
     "train.pair_strategy": ("best-worst", "all"),
     "train.length_norm": ("sequence", "token"),
@@ -445,6 +449,9 @@ def validate(cfg: RunConfig) -> None:
             raise EdgePuError(f"config: {key} must be > 0, got {_get(cfg, key)}.")
     if cfg.sampling.k < 2:
         raise EdgePuError("config: sampling.k must be at least 2 to rank candidates.")
+    if cfg.ranker.engine == "llama-cpp" and cfg.sampling.engine != "llama-cpp":
+        raise EdgePuError("config: ranker.engine: llama-cpp scores through the llama.cpp model "
+                          "that sampling.engine: llama-cpp opens; set that too.")
     if cfg.train.micro_batch > cfg.train.batch_size:
         raise EdgePuError("config: train.micro_batch must not exceed train.batch_size.")
     bad = [f for f in cfg.export.formats if f not in EXPORT_FORMATS]

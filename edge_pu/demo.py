@@ -151,15 +151,25 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
     backend = make_backend(cfg.backend)
     print(f"[demo] loading student {cfg.student.path} on {backend.name}", flush=True)
     backend.load(cfg)
-    before = score(heldout, greedy_answers(backend, heldout, adapter=False,
-                                           max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="before"))
-    result = run(cfg, backend=backend)  # the run dir is prepared (and restarted) above
-    # After the SFT stage the reference policy (adapter=False) is the SFT policy.
-    after_sft = score(heldout, greedy_answers(
-        backend, heldout, adapter=False, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-        desc="after SFT")) if cfg.sft.enabled else None
-    answers = greedy_answers(backend, heldout, adapter=True,
-                             max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="after")
+    from .pipeline import make_engine
+
+    # sampling.engine: llama-cpp (the qwen preset): llama.cpp also answers the held-out prompts.
+    engine = make_engine(backend, cfg, Path(cfg.run_dir))
+    greedy = engine if engine is not None else backend
+    try:
+        before = score(heldout, greedy_answers(greedy, heldout, adapter=False,
+                                               max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                               desc="before"))
+        result = run(cfg, backend=backend, engine=engine)  # the run dir is prepared above
+        # After the SFT stage the reference policy (adapter=False) is the SFT policy.
+        after_sft = score(heldout, greedy_answers(
+            greedy, heldout, adapter=False, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+            desc="after SFT")) if cfg.sft.enabled else None
+        answers = greedy_answers(greedy, heldout, adapter=True,
+                                 max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="after")
+    finally:
+        if engine is not None:
+            engine.close()
     after = score(heldout, answers)
     seconds = time.time() - t0
     n_trained = teacher_report["anchor_pass"]["anchored"] if teacher_report else len(train_tasks)

@@ -205,10 +205,13 @@ def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors
     return scores
 
 
-def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunResult:
+def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
+        engine: Any = None) -> RunResult:
     """The whole pipeline; in a torchrun job (edge_pu.distributed) every rank calls it, rank 0
     writes the shared files and asks the teacher, and sampling, scoring and training are split
-    over the ranks."""
+    over the ranks. `engine`: a llama.cpp view of `backend` (edge_pu.backends.llamacpp_engine)
+    to sample through, kept open (an evaluation hands its own to every method's run); by
+    default `sampling.engine` decides and the run opens and closes its own."""
     t0 = time.time()
     main = dist.world().main
     meter = Stages()
@@ -238,7 +241,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
         raise EdgePuError(f"{run_dir}: no prompt has an anchor, so there is nothing to train on;"
                           f" see {run_dir / 'teacher_failures.jsonl'}.")
     by_id = {p.id: p for p in prompts}
-    sampler = _make_sampler(backend, cfg, run_dir)
+    sampler = engine if engine is not None else make_engine(backend, cfg, run_dir)
     try:  # a live llama.cpp model holds ~1-2 GB (0.5B); reference cycles keep it past run()
         if cfg.sft.enabled:  # stage 1: the PU stage starts from, and is measured against, SFT
             from .sft import run_sft
@@ -248,9 +251,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                 result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
             dist.barrier()  # rank 0 has saved the SFT state
             if sampler is not None:  # round 1 samples from the SFT policy
-                adapter = run_dir / "sampler" / "adapter-sft"
-                backend.save_adapter(adapter)
-                sampler.refresh(adapter, "sft")
+                sampler.sync(True, "sft")
         done = {m["round"]: m for m in read_jsonl(run_dir / "metrics.jsonl")
                 if m.get("event") == "round_end"}
         for r in range(1, cfg.train.rounds + 1):
@@ -261,9 +262,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                 result.rounds.append({k: v for k, v in done[r].items() if k != "event"})
                 continue
             if sampler is not None and r > 1:  # round r samples from what round r-1 trained
-                adapter = run_dir / "sampler" / f"adapter-r{r - 1}"
-                backend.save_adapter(adapter)
-                sampler.refresh(adapter, f"r{r - 1}")
+                sampler.sync(True, f"r{r - 1}")
             result.rounds.append(_one_round(backend, cfg, prompts, by_id, anchors, run_dir, r,
                                             sampler, meter))
             # Written beside, then renamed: a crash mid-save never leaves a half state that
@@ -276,7 +275,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None) -> RunRes
                 tmp.rename(state)
             dist.barrier()
     finally:
-        if sampler is not None:
+        if sampler is not None and engine is None:
             sampler.close()
     result.seconds = time.time() - t0
     if not main:  # the adapter, summary and exports are rank 0's to write
@@ -330,8 +329,19 @@ def stage_memory(cfg: RunConfig, backend: Any, meter: Stages) -> dict[str, Any]:
     return out
 
 
-def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
-    """None (the backend samples), or the llama.cpp sampler over the student's GGUF."""
+def scorer(backend: Any, cfg: RunConfig, engine: Any) -> Any:
+    """What the rankers score with: the llama.cpp view under ranker.engine: llama-cpp (it
+    needs sampling.engine: llama-cpp, which opens the view), else the backend."""
+    if cfg.ranker.engine == "llama-cpp" and engine is None:
+        raise EdgePuError("ranker.engine: llama-cpp scores through the llama.cpp model that "
+                          "sampling.engine: llama-cpp opens; set both, or ranker.engine: "
+                          "backend.")
+    return engine if cfg.ranker.engine == "llama-cpp" else backend
+
+
+def make_engine(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
+    """None (the backend samples), or the backend seen through llama.cpp over the student's
+    GGUF (edge_pu.backends.llamacpp_engine)."""
     if cfg.sampling.engine == "backend":
         return None
     if dist.world().size > 1:
@@ -340,11 +350,12 @@ def _make_sampler(backend: Any, cfg: RunConfig, run_dir: Path) -> Any:
     if backend.name != "cpu":
         raise EdgePuError(f"sampling.engine: llama-cpp is the CPU backend's sampler; backend "
                           f"{backend.name} samples itself (use sampling.engine: backend).")
+    from .backends.llamacpp_engine import EngineView
     from .backends.llamacpp_sampler import LlamaCppSampler
 
     print(f"[sampler] llama.cpp, from {cfg.student.path}", flush=True)
-    return LlamaCppSampler(cfg, backend.student_dir, run_dir / "sampler", backend.eos_ids,
-                           backend.decode)
+    return EngineView(backend, LlamaCppSampler(cfg, backend.student_dir, run_dir / "sampler",
+                                               backend.eos_ids, backend.decode))
 
 
 def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[str, Prompt],
@@ -357,7 +368,8 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     with meter.stage("sample", round=r):
         cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
     with meter.stage("rank", round=r):
-        scores = rank_round(backend, cfg, by_id, anchors, cands, run_dir, r)
+        scores = rank_round(scorer(backend, cfg, sampler), cfg, by_id, anchors, cands,
+                            run_dir, r)
     ids = {pid: prompt_ids(backend, by_id[pid]) for pid in cands}
     units, records, counts = build_units(
         cfg.train, ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},

@@ -232,3 +232,53 @@ def test_eval_folder_from_an_older_edge_pu_is_reused(tmp_path: Path) -> None:
     changed["sampling"]["k"] = 8
     with pytest.raises(EdgePuError, match="sampling"):
         _check_fingerprint(tmp_path, load_config(None, base=changed), {"n": 1}, 0)
+
+
+def test_eval_through_llama_cpp_answers_as_torch_does(tiny_llama_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """sampling.engine + ranker.engine llama-cpp: one llama.cpp model samples, scores and answers
+    greedily for the whole eval, each call on the weights it asks for. On the tiny student's
+    exact f32 GGUF the untrained student's greedy answers are torch's, word for word, and the
+    trained methods' answers are not all the untrained ones (the adapters reach llama.cpp)."""
+    pytest.importorskip("llama_cpp")
+    from edge_pu.backends import make_backend
+    from edge_pu.cli import main
+    from edge_pu.config import load_config
+    from edge_pu.evaluate import greedy_answers
+    from edge_pu.tasks import from_jsonl_row
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--quick", "--student", str(tiny_llama_dir), "--out", str(out),
+            "--threads", "1", "--rankers", "recall", "judge", "--set",
+            "sampling.engine=llama-cpp", "--set", "ranker.engine=llama-cpp",
+            "--set", "sft.lr=0.05"]  # 1 step that visibly moves the tiny student's answers
+    assert main(argv) == 0
+    before = json.loads((out / "before.json").read_text())
+    tasks = {t.id: t for t in map(from_jsonl_row, read_rows(out / "tasks.jsonl"))}
+    heldout = [tasks[a["id"]] for a in before["answers"]]
+    backend = make_backend("cpu")
+    backend.load(load_config(None, base={"student": {"path": str(tiny_llama_dir)},
+                                         "backend": "cpu"}))
+    torch_answers = greedy_answers(backend, heldout, adapter=False, max_new_tokens=8, batch=9)
+    assert [a["answer"] for a in before["answers"]] == torch_answers
+    # The trained adapter (SFT, then GRPO) answers in llama.cpp as it does in torch, and not as
+    # the untrained student does: the adapter reached llama.cpp.
+    method = out / "seed-0" / "sft+pu-grpo-adv"
+    trained = [a["answer"] for a in json.loads((method / "eval.json").read_text())["answers"]]
+    backend.load_adapter(method / "adapter")
+    assert trained == greedy_answers(backend, heldout, adapter=True, max_new_tokens=8, batch=9)
+    assert trained != torch_answers
+    res = json.loads((out / "results.json").read_text())
+    assert res["rankers"]["recall"]["prompts_total"] == 9
+    # Each new set of weights replaced the last one's files: no pile of LoRA copies.
+    assert len(list((out / "engine" / "sampler").glob("lora-v*.gguf"))) <= 1
+    # ranker.engine alone has no llama.cpp model to score on: refused before any work.
+    assert main(["eval", "--quick", "--student", str(tiny_llama_dir), "--out",
+                 str(tmp_path / "x"), "--set", "ranker.engine=llama-cpp"]) != 0
+    assert not (tmp_path / "x" / "before.json").exists()
+
+
+def read_rows(path: Path) -> list[dict]:
+    from edge_pu.jsonl import read_jsonl
+
+    return read_jsonl(path)

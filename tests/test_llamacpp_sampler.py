@@ -132,3 +132,50 @@ def test_past_32_rows_each_sequence_has_its_own_stream(pair) -> None:
     a = sampler.sample(ids, 8, cfg, [11, 12, 13, 14, 15])
     assert sampler.sample(ids[2:], 8, cfg, [13, 14, 15]) == a[2:]
     assert len({tuple(x.token_ids) for x in a[0]}) > 1
+
+
+def test_candidate_logprobs_and_next_token_logprobs_match_torch(pair) -> None:
+    """The scoring passes (Backend.logprobs / next_token_logprobs, what the rankers call) on the
+    f32 GGUF + LoRA equal torch's with the adapter to 1e-4 per token, for rows that share a
+    prompt (one decoded prefix, its cells shared), rows whose prompts share only a head (a
+    ranker's drafts), and a row alone; and the adapter visibly moves them."""
+    backend, sampler, root = pair
+    sampler.refresh(root / "adapter", "test")
+    chat = [backend.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    drafts = [backend.chat_ids([{"role": "user", "content": f"{PROMPTS[0]}\n\ndraft: {d}"}])
+              for d in ("five", "it is 5", "two plus three is five")]
+    comps = [backend.token_ids(t) for t in (" five", " 5 is the answer", " ok")]
+    prompts = [chat[0]] * 3 + drafts + [chat[3]]
+    completions = comps + comps + [backend.token_ids(" one two three")]
+    ref = backend.logprobs(prompts, completions, adapter=True)
+    ours = sampler.logprobs(prompts, completions)
+    assert [len(r) for r in ours] == [len(c) for c in completions]
+    assert _gap(ref, ours) < 1e-4, _gap(ref, ours)
+    # Against the base alone the same rows differ: the LoRA is applied in scoring too.
+    base = backend.logprobs(prompts, completions, adapter=False)
+    assert _gap(base, ours) > 1e-2
+    words = [backend.token_ids(w)[0] for w in ("Yes", "No")]
+    nref = backend.next_token_logprobs(chat, words, adapter=True)
+    nours = sampler.next_token_logprobs(chat, words)
+    assert _gap(nref, nours) < 1e-4
+    # Scoring left the sampler able to sample: greedy still equals torch after it.
+    greedy = SamplingConfig(k=2, max_new_tokens=8, temperature=0.0)
+    assert [[c.token_ids for c in s] for s in sampler.sample(chat, 2, greedy, [0] * 5)] == \
+        [[s[0].token_ids] * 2 for s in backend.sample(chat, 1, greedy, [0] * 5)]
+
+
+def _gap(a: list[list[float]], b: list[list[float]]) -> float:
+    """The largest |difference| between two ragged tables of the same shape."""
+    return max(abs(x - y) for ra, rb in zip(a, b, strict=True)
+               for x, y in zip(ra, rb, strict=True))
+
+
+def test_prefix_runs_share_what_consecutive_prompts_share() -> None:
+    from edge_pu.backends.llamacpp_sampler import _prefix_runs
+
+    # Rows 0-2 share [1, 2, 3, 4] (capped one short of the shortest prompt: 4 of 5 tokens);
+    # row 3 shares only [1] with them, under half of what rows 0 and 1 share: a new run, which
+    # row 4 joins ([1, 9, 9] in common, capped at 2). Row 5 alone shares nothing.
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7], [1, 2, 3, 4, 5, 8], [1, 9, 9, 9],
+               [1, 9, 9], [7, 7]]
+    assert _prefix_runs(prompts) == [(0, 4), (3, 2), (5, 0)]

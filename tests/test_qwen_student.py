@@ -51,10 +51,19 @@ def test_torch_and_llama_cpp_agree_on_greedy_tokens(tmp_path: Path) -> None:
                               backend.decode)
     try:
         [[cpp_out]] = sampler.sample([ids], 1, greedy, [0])
+        # The rankers' scoring pass (ranker.engine: llama-cpp) on the real Q4_K_M file: the
+        # mean-token log-prob of the answer, what recall and likelihood rank by, is torch's to
+        # 0.1 (bench/scoring.py: the largest gap over 32 candidates was 0.05).
+        comps = [torch_out.token_ids, backend.token_ids("12 * 7 equals 85.")]
+        ours = sampler.logprobs([ids, ids], comps)
+        ref = backend.logprobs([ids, ids], comps, adapter=False)
     finally:
         sampler.close()
     assert torch_out.token_ids == cpp_out.token_ids, (torch_out.text, cpp_out.text)
     assert "84" in torch_out.text and torch_out.finished, torch_out.text
+    for o, r in zip(ours, ref, strict=True):
+        assert abs(sum(o) / len(o) - sum(r) / len(r)) < 0.1, (o, r)
+    assert sum(ours[0]) > sum(ours[1])  # and it prefers the right product
 
 
 # Short answers keep the run short; the two free-form sentences give the K = 2 candidates

@@ -1,8 +1,10 @@
 """Candidate sampling on CPU through llama.cpp, from the student's own GGUF plus the current LoRA.
 
 `sampling.engine: llama-cpp` with `backend: cpu`. Torch stays the reference and does the
-training, the log-probs and the ranking; llama.cpp only draws the K candidates, from the same
-weights training sees:
+training and its log-probs; llama.cpp draws the K candidates, answers an evaluation's prompts
+greedily and, under `ranker.engine: llama-cpp`, runs the rankers' scoring passes (`logprobs`,
+`next_token_logprobs`), from the same weights training sees (edge_pu.backends.llamacpp_engine
+keeps the LoRA it holds in step with the backend's):
 
   - a `.gguf` student is sampled from that very file (training uses its dequantized weights,
     so both read the same numbers; llama.cpp quantizes activations inside its q4/q8 dot
@@ -123,6 +125,22 @@ class LlamaCppSampler:
 
     def _load(self, k: int, prompts: int) -> None:
         """(Re)create the llama.cpp model with room for `prompts` prompts of K sequences each."""
+        # Up to UNIFIED_MAX_ROWS rows one unified KV cache (a prompt's K candidates then share
+        # its cells; seq_cp only tags them), past it one stream per sequence (seq_cp copies the
+        # prompt's stream). The mode follows from the config alone, so a prompt's samples never
+        # depend on how full its group is.
+        unified = prompts * k <= UNIFIED_MAX_ROWS
+        # The cells a group can need at worst: every prompt at max_length, of which the first
+        # candidate's tokens are part, plus the other K-1 candidates' tokens.
+        n_ctx = prompts * (self.max_length + (k - 1) * self.max_new_tokens)
+        if not unified:  # streams of n_ctx / n_seq_max cells, as many as in use
+            n_ctx = prompts * k * self.stream_cells
+        self._context(prompts * k, n_ctx, unified)
+        self.k, self.prompts = k, prompts
+
+    def _context(self, n_seq: int, n_ctx: int, unified: bool) -> None:
+        """A fresh llama.cpp model and context: `n_seq` sequences over `n_ctx` cells, the
+        current LoRA applied."""
         import llama_cpp.llama_cpp as ll
         from llama_cpp import Llama
 
@@ -132,23 +150,15 @@ class LlamaCppSampler:
         if self.gguf.name.endswith("-f32.gguf"):  # an exact copy: keep the KV cache exact too
             kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32 (default f16 moves logits ~1e-2)
         # Llama() offers no n_seq_max: its context takes llama_context_default_params(), so
-        # hand it defaults with prompts x K sequences, over one unified KV cache (a prompt's K
-        # candidates then share its cells; seq_cp only tags them) or, past UNIFIED_MAX_ROWS, one
-        # stream per sequence (seq_cp copies the prompt's stream). The mode follows from the
-        # config alone, so a prompt's samples never depend on how full its group is.
-        self.kv_unified = prompts * k <= UNIFIED_MAX_ROWS
+        # hand it defaults with n_seq sequences and the KV layout asked for.
+        self.kv_unified = unified
         defaults = ll.llama_context_default_params
 
         def params() -> Any:
             p = defaults()
-            p.n_seq_max, p.kv_unified = prompts * k, self.kv_unified
+            p.n_seq_max, p.kv_unified = n_seq, unified
             return p
 
-        # The cells a group can need at worst: every prompt at max_length, of which the first
-        # candidate's tokens are part, plus the other K-1 candidates' tokens.
-        n_ctx = prompts * (self.max_length + (k - 1) * self.max_new_tokens)
-        if not self.kv_unified:  # streams of n_ctx / n_seq_max cells, as many as in use
-            n_ctx = prompts * k * self.stream_cells
         ll.llama_context_default_params = params
         try:
             self.llm = Llama(model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx,
@@ -156,7 +166,9 @@ class LlamaCppSampler:
                              verbose=False, **kwargs)
         finally:
             ll.llama_context_default_params = defaults
-        self.k, self.prompts, self.n_vocab = k, prompts, self.llm.n_vocab()
+        self.n_vocab = self.llm.n_vocab()
+        self.shape = (n_seq, n_ctx, unified)
+        self.k = self.prompts = 0  # no sampling layout until _load sets one
         from llama_cpp._internals import LlamaBatch
 
         self.batch = LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
@@ -170,7 +182,17 @@ class LlamaCppSampler:
 
             self.lora = write_lora_gguf(adapter_dir, self.student_dir,
                                         self.work_dir / f"lora-{tag}.gguf")
-        self._load(self.k, self.prompts)
+        if self.k:
+            self._load(self.k, self.prompts)
+        else:
+            self._context(*self.shape)
+
+    def fit(self, tokens: int) -> None:
+        """Room for prompts and answers of `tokens` in all (an evaluation's prompts may be
+        longer than training's student.max_length): the next sample() reloads if need be."""
+        if tokens > self.max_length:
+            self.max_length = tokens
+            self.k = 0
 
     def _logits(self, i: int) -> np.ndarray:
         ptr = self.llm._ctx.get_logits_ith(i)
@@ -184,6 +206,78 @@ class LlamaCppSampler:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
             b.seq_id[i][0] = seq
         self.llm._ctx.decode(self.batch)
+
+    def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]
+                 ) -> list[list[float]]:
+        """Log-prob of every completion token given its prompt (Backend.logprobs), under the
+        weights loaded now: base + the current LoRA."""
+        inputs = [list(p) + list(c[:-1]) for p, c in zip(prompt_ids, completion_ids,
+                                                          strict=True)]
+        picks = [[[t] for t in c] for c in completion_ids]
+        return [[x[0] for x in row] for row in self._score(prompt_ids, inputs, picks)]
+
+    def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int]
+                            ) -> list[list[float]]:
+        """Log-probs of the `candidates` token ids right after each prompt."""
+        picks = [[list(candidates)] for _ in prompt_ids]
+        return [row[0] for row in self._score(prompt_ids, [list(p) for p in prompt_ids], picks)]
+
+    def _score(self, prompts: Sequence[list[int]], inputs: Sequence[list[int]],
+               picks: Sequence[list[list[int]]]) -> list[list[list[float]]]:
+        """Row r decodes `inputs[r]` (its prompt, then what follows); the logits at positions
+        len(prompt) - 1 onwards give log-probs of `picks[r][j]`'s tokens at the j-th of them.
+
+        Rows in a run that share most of their prompt (a ranker's K candidates of one item:
+        the instruction, then the draft or the candidate) decode that prefix once as the run's
+        first sequence; its cells are shared with the others (seq_cp, a unified KV cache) and
+        only each row's own tail is decoded, in one batch for every row. Logits are computed
+        only where a log-prob is read."""
+        import llama_cpp.llama_cpp as ll
+
+        out: list[list[list[float]]] = [[] for _ in inputs]
+        todo = [r for r in range(len(inputs)) if picks[r]]
+        if not todo:
+            return out
+        runs = _prefix_runs([prompts[r] for r in todo])
+        cells = sum(n for _, n in runs) + sum(len(inputs[r]) for r in todo)
+        rows = len(todo)
+        n_seq, n_ctx, unified = self.shape
+        if not unified or rows > n_seq or cells > n_ctx:
+            # Room to spare, so that the next calls of a ranking seldom reload.
+            self._context(max(rows, UNIFIED_MAX_ROWS), max(2 * cells, n_ctx if unified else 0),
+                          True)
+        mem = ll.llama_get_memory(self.llm._ctx.ctx)
+        ll.llama_memory_clear(mem, True)
+        heads: list[tuple[int, int, int, bool]] = []
+        for (first, shared) in runs:
+            heads += [(t, i, first, False) for i, t in enumerate(prompts[todo[first]][:shared])]
+        if heads:
+            self._decode(heads)
+        tails: list[tuple[int, int, int, bool]] = []
+        where: list[tuple[int, int]] = []  # (row, batch index of its first read logit)
+        for first, shared in runs:
+            for j in range(first, _run_end(runs, first, len(todo))):
+                if j != first and shared:
+                    ll.llama_memory_seq_cp(mem, first, j, 0, shared)
+                r = todo[j]
+                start = len(prompts[r]) - 1
+                where.append((r, len(tails) + start - shared))
+                tails += [(t, i, j, i >= start) for i, t in enumerate(inputs[r]) if i >= shared]
+        self._decode(tails)
+        for r, at in where:  # llama_get_logits_ith takes the batch index of the row
+            got = []
+            for j, want in enumerate(picks[r]):
+                z = self._logits_view(at + j).astype(np.float64)
+                m = z.max()
+                lse = m + np.log(np.exp(z - m).sum())
+                got.append([float(z[t] - lse) for t in want])
+            out[r] = got
+        return out
+
+    def _logits_view(self, i: int) -> np.ndarray:
+        """The logits of batch row i of the last decode, not copied."""
+        ptr = self.llm._ctx.get_logits_ith(i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
                seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
@@ -247,6 +341,40 @@ class LlamaCppSampler:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+def _prefix_runs(prompts: Sequence[list[int]]) -> list[tuple[int, int]]:
+    """(first row, shared tokens) for runs of consecutive prompts that share a prefix: a row
+    joins the run while the run's common prefix keeps at least half of what its first two rows
+    share. The shared part stops one token short of the shortest prompt, so every logit read
+    (from a prompt's last token on) comes from a row's own tail."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(prompts):
+        shared, j = len(prompts[i]) - 1, i + 1
+        floor = 0
+        while j < len(prompts):
+            common = _common(prompts[i], prompts[j], min(shared, len(prompts[j]) - 1))
+            if j == i + 1:
+                floor = max(1, common // 2)
+            if common < floor:
+                break
+            shared, j = common, j + 1
+        runs.append((i, shared if j > i + 1 else 0))
+        i = j
+    return runs
+
+
+def _run_end(runs: list[tuple[int, int]], first: int, total: int) -> int:
+    nxt = [f for f, _ in runs if f > first]
+    return nxt[0] if nxt else total
+
+
+def _common(a: Sequence[int], b: Sequence[int], cap: int) -> int:
+    n = 0
+    while n < cap and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _group_size(prompt_batch: int, k: int) -> int:

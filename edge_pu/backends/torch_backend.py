@@ -384,6 +384,23 @@ class TorchBackend:
     def clear_reference(self) -> None:
         self.reference = None
 
+    def lora_weights(self, adapter: bool) -> dict[str, torch.Tensor] | None:
+        """The LoRA weights a call with `adapter` runs on: the policy's as they are now (not
+        copied), the reference's, or None where that is the base (the adapter disabled)."""
+        if adapter:
+            if self.reference is None and self.policy_is_reference():  # every B zero
+                return None
+            return {n: p.detach() for n, p in self._lora_params().items()}
+        return self.reference
+
+    def save_adapter_for(self, adapter: bool, path: Path) -> None:
+        """save_adapter of the policy (`adapter`) or of the reference policy's LoRA."""
+        if adapter or self.reference is None:
+            self.save_adapter(path)
+            return
+        with self._swapped(self.reference):
+            self.save_adapter(path)
+
     def load_adapter(self, path: Path) -> None:
         """Adopt a PEFT adapter dir (saved by save_adapter/save_state) as the current LoRA."""
         from peft import set_peft_model_state_dict

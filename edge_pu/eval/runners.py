@@ -75,13 +75,16 @@ def cached_scores(path: Path, backend: Any, spec: str, cfg: RunConfig, prompts: 
 
 def candidates_and_scores(backend: Any, cfg: RunConfig, seed: int, shared: Path,
                           prompts: list[Prompt], anchors: dict[str, str], rankers: list[str],
-                          task_of: dict[str, Task], stages: Stages, name: str
+                          task_of: dict[str, Task], stages: Stages, name: str,
+                          engine: Any = None
                           ) -> tuple[dict[str, list[dict]], dict[str, dict[str, list[float]]]]:
-    from ..pipeline import sample_round
+    """`engine`: the llama.cpp view that samples (and, where ranker.engine says so, scores)."""
+    from ..pipeline import sample_round, scorer
 
     with stages.stage(f"sample:{name}", seed=seed) as info:
         info["cached"] = (shared / "candidates.jsonl").exists()
-        cands = sample_round(backend, cfg, prompts, set(anchors), shared, 1)
+        cands = sample_round(backend, cfg, prompts, set(anchors), shared, 1, engine)
+    backend = scorer(backend, cfg, engine)
     scores: dict[str, dict[str, list[float]]] = {}
     for spec in rankers:
         with stages.stage(f"rank:{spec}:{name}", seed=seed) as info:
@@ -110,6 +113,12 @@ class MethodContext:
     n_total: int
     best_steps: list[int]
     bench: Benchmark
+    engine: Any = None  # the llama.cpp view (sampling.engine: llama-cpp), else None
+
+    @property
+    def greedy(self) -> Any:
+        """What answers greedily: the llama.cpp view where there is one, else the backend."""
+        return self.engine if self.engine is not None else self.backend
 
 
 def method_config(cfg: RunConfig, m: Method, run_dir: Path, n_sft: int = 0,
@@ -146,7 +155,7 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
             stages.add(rec, resumed=True)
         if ctx.bench.wants(m.name, seed):  # scored before the benchmark was asked for
             _restore(m, ctx, run_dir)
-        ctx.bench.run(backend, m.name, seed, adapter=True)  # from its cache when it has one
+        ctx.bench.run(ctx.greedy, m.name, seed, adapter=True)  # from its cache if it has one
         return strip(res)
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished method starts over
     run_dir.mkdir(parents=True)
@@ -170,7 +179,7 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
                 for pid, s in scores[spec].items()])
             if m.kind == "two":
                 install_as_sft_stage(ctx.path_root, ctx.n_sft, run_dir)
-            result = run(mcfg, backend=backend)
+            result = run(mcfg, backend=backend, engine=ctx.engine)
             diag = result.rounds[-1] if result.rounds else {}
             shutil.rmtree(run_dir / "state", ignore_errors=True)
             backend.save_adapter(run_dir / "adapter")
@@ -196,15 +205,15 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
     if m.kind != "sft-best" and ctx.validation and ctx.validation is not ctx.heldout:
         # The same adapter on the validation split: settings (method variants) are chosen by
         # this column, never by the held-out pass rate next to it.
-        val = cached_eval(run_dir / "validation.json", backend, ctx.validation, ctx.sizes,
+        val = cached_eval(run_dir / "validation.json", ctx.greedy, ctx.validation, ctx.sizes,
                           adapter=True, info={}, desc="validation")
         extra["validation_pass_rate"], extra["validation_quality"] = (val["pass_rate"],
                                                                       val["quality"])
     with stages.stage(f"eval:{m.name}", seed=seed) as info:
-        res = cached_eval(done, backend, ctx.heldout, ctx.sizes, adapter=True, info=info,
+        res = cached_eval(done, ctx.greedy, ctx.heldout, ctx.sizes, adapter=True, info=info,
                           extra={"seed": seed, "train_diag": diag, **extra,
                                  "stages": stages.as_list()[-1:]})
-    ctx.bench.run(backend, m.name, seed, adapter=True)
+    ctx.bench.run(ctx.greedy, m.name, seed, adapter=True)
     return strip(res)
 
 
@@ -232,7 +241,7 @@ def _pick_best_sft(ctx: MethodContext) -> dict[str, Any]:
     for steps in ctx.best_steps:
         load_checkpoint(ctx.backend, ctx.path_root, steps)
         res = cached_eval(checkpoint_dir(ctx.path_root, steps) / "validation.json",
-                          ctx.backend, ctx.validation, ctx.sizes, adapter=True, info={},
+                          ctx.greedy, ctx.validation, ctx.sizes, adapter=True, info={},
                           desc=f"validation {steps}")
         rates[steps], quality[steps] = res["pass_rate"], res["quality"]
     best = max(ctx.best_steps, key=lambda s: (rates[s], quality[s], -s))

@@ -217,83 +217,94 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     backend: Any = make_backend(cfg.backend)
     with stages.stage("load"):
         backend.load(cfg)
-    prompts = load_prompts(cfg.data.prompts)
-    with stages.stage("anchors"):
-        anchors = _anchors(cfg, prompts, out / "anchors")
-    bench = Benchmark(opts, out, stages, IFEVAL_METHODS)
-    with stages.stage("eval:before") as info:
-        before = cached_eval(out / "before.json", backend, heldout, sizes, adapter=False,
-                             info=info, desc="before")
-    bench.run(backend, "none", None, adapter=False)
-    task_of = {t.id: t for t in tasks}
-    prompt_ids = {p.id: chat_prompt_ids(backend, p) for p in prompts if p.id in anchors}
-    ranker_runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rankers}
-    method_runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
-    for seed in range(opts.seeds):
-        scfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed),
-                       train=replace(cfg.train, seed=seed))
-        seed_dir = out / f"seed-{seed}"
-        path_root = seed_dir / "sft-path"
-        if any(m.kind in ("sft", "sft-best", "sft-stage1", "two") for m in methods):
-            from .sft_path import sft_path
+    from ..pipeline import make_engine
 
-            reset_adapter(backend, scfg, seed)
-            # Only the checkpoints some method needs (sft-best's run to 2N steps is the costly
-            # part of the path).
-            steps = [n_sft, n_total, *(best_steps if any(m.kind == "sft-best" for m in methods)
-                                       else [])]
-            with stages.stage("sft-path", seed=seed) as info:
-                info["cached"] = all((path_root / f"step-{s}" / "COMPLETE").exists()
-                                     for s in steps)
-                sft_path(backend, scfg, prompt_ids, anchors, path_root, steps)
-        sets: dict[str, tuple[Path, dict[str, list[dict]], dict[str, dict[str, list[float]]]]]
-        sets = {}
-        for name, wanted in (("untrained", single), ("sft", two)):
-            if not wanted:
-                continue
-            shared = seed_dir / ("shared" if name == "untrained" else "shared-sft")
-            reset_adapter(backend, scfg, seed)
-            if name == "sft":  # candidates, ranking and judge all come from the SFT policy
-                from .sft_path import load_checkpoint
+    # sampling.engine: llama-cpp: one llama.cpp model samples, answers greedily and (ranker.
+    # engine) scores for every method and seed, on the weights each call asks for.
+    engine = make_engine(backend, cfg, out / "engine")
+    try:
+        greedy = engine if engine is not None else backend
+        prompts = load_prompts(cfg.data.prompts)
+        with stages.stage("anchors"):
+            anchors = _anchors(cfg, prompts, out / "anchors")
+        bench = Benchmark(opts, out, stages, IFEVAL_METHODS)
+        with stages.stage("eval:before") as info:
+            before = cached_eval(out / "before.json", greedy, heldout, sizes, adapter=False,
+                                 info=info, desc="before")
+        bench.run(greedy, "none", None, adapter=False)
+        task_of = {t.id: t for t in tasks}
+        prompt_ids = {p.id: chat_prompt_ids(backend, p) for p in prompts if p.id in anchors}
+        ranker_runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rankers}
+        method_runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+        for seed in range(opts.seeds):
+            scfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed),
+                           train=replace(cfg.train, seed=seed))
+            seed_dir = out / f"seed-{seed}"
+            path_root = seed_dir / "sft-path"
+            if any(m.kind in ("sft", "sft-best", "sft-stage1", "two") for m in methods):
+                from .sft_path import sft_path
 
-                load_checkpoint(backend, path_root, n_sft)
-                backend.set_reference()
-            cands, scores = candidates_and_scores(backend, scfg, seed, shared, prompts,
-                                                  anchors, rankers, task_of, stages, name)
-            sets[name] = (shared, cands, scores)
-        primary = "sft" if "sft" in sets else "untrained"
-        if primary in sets:
-            _, cands, scores = sets[primary]
-            quality = {pid: [check(task_of[pid], c["text"].strip()) for c in cs]
-                       for pid, cs in cands.items()}
-            pids = list(cands)
-            for spec in rankers:
-                ranker_runs[spec].append({"seed": seed, "candidates_from": primary,
-                                          **summarize([scores[spec][p] for p in pids],
-                                                      [quality[p] for p in pids])})
-        for m in methods:
-            if m.kind == "none":
-                method_runs[m.name].append({"seed": seed, **strip(before)})
-                continue
-            ctx = MethodContext(backend, scfg, seed, out, sets, anchors, prompts, heldout,
-                                 validation, sizes, stages, path_root, n_sft, n_pu, n_total,
-                                 best_steps, bench)
-            method_runs[m.name].append(run_method(m, ctx))
-    from .report import build_results, write_outputs
+                reset_adapter(backend, scfg, seed)
+                # Only the checkpoints some method needs (sft-best's run to 2N steps is the costly
+                # part of the path).
+                steps = [n_sft, n_total, *(best_steps if any(m.kind == "sft-best" for m in methods)
+                                           else [])]
+                with stages.stage("sft-path", seed=seed) as info:
+                    info["cached"] = all((path_root / f"step-{s}" / "COMPLETE").exists()
+                                         for s in steps)
+                    sft_path(backend, scfg, prompt_ids, anchors, path_root, steps)
+            sets: dict[str, tuple[Path, dict[str, list[dict]], dict[str, dict[str, list[float]]]]]
+            sets = {}
+            for name, wanted in (("untrained", single), ("sft", two)):
+                if not wanted:
+                    continue
+                shared = seed_dir / ("shared" if name == "untrained" else "shared-sft")
+                reset_adapter(backend, scfg, seed)
+                if name == "sft":  # candidates, ranking and judge all come from the SFT policy
+                    from .sft_path import load_checkpoint
 
-    results = build_results(
-        opts=asdict(opts), sizes=sizes, cfg=config_to_dict(cfg), threads=threads,
-        suite={"families": sorted(FAMILIES), "train_prompts": len(train_tasks),
-               "validation_prompts": len(validation), "heldout_prompts": len(heldout),
-               "task_seed": opts.task_seed,
-               "budget": {"steps": n_total, "sft_steps": n_sft, "pu_steps": n_pu,
-                          "sft_best_candidates": best_steps}},
-        before=strip(before), methods=method_runs, rankers=ranker_runs,
-        teacher=teacher_calls(out, [p.id for p in prompts]), stages=stages.as_list(),
-        curves=_curves(out, [m.name for m in methods], opts.seeds), seconds=time.time() - t0,
-        benchmark=bench.results())
-    write_outputs(results, out)
-    return results
+                    load_checkpoint(backend, path_root, n_sft)
+                    backend.set_reference()
+                cands, scores = candidates_and_scores(backend, scfg, seed, shared, prompts,
+                                                      anchors, rankers, task_of, stages, name,
+                                                      engine)
+                sets[name] = (shared, cands, scores)
+            primary = "sft" if "sft" in sets else "untrained"
+            if primary in sets:
+                _, cands, scores = sets[primary]
+                quality = {pid: [check(task_of[pid], c["text"].strip()) for c in cs]
+                           for pid, cs in cands.items()}
+                pids = list(cands)
+                for spec in rankers:
+                    ranker_runs[spec].append({"seed": seed, "candidates_from": primary,
+                                              **summarize([scores[spec][p] for p in pids],
+                                                          [quality[p] for p in pids])})
+            for m in methods:
+                if m.kind == "none":
+                    method_runs[m.name].append({"seed": seed, **strip(before)})
+                    continue
+                ctx = MethodContext(backend, scfg, seed, out, sets, anchors, prompts, heldout,
+                                     validation, sizes, stages, path_root, n_sft, n_pu, n_total,
+                                     best_steps, bench, engine)
+                method_runs[m.name].append(run_method(m, ctx))
+        from .report import build_results, write_outputs
+
+        results = build_results(
+            opts=asdict(opts), sizes=sizes, cfg=config_to_dict(cfg), threads=threads,
+            suite={"families": sorted(FAMILIES), "train_prompts": len(train_tasks),
+                   "validation_prompts": len(validation), "heldout_prompts": len(heldout),
+                   "task_seed": opts.task_seed,
+                   "budget": {"steps": n_total, "sft_steps": n_sft, "pu_steps": n_pu,
+                              "sft_best_candidates": best_steps}},
+            before=strip(before), methods=method_runs, rankers=ranker_runs,
+            teacher=teacher_calls(out, [p.id for p in prompts]), stages=stages.as_list(),
+            curves=_curves(out, [m.name for m in methods], opts.seeds), seconds=time.time() - t0,
+            benchmark=bench.results())
+        write_outputs(results, out)
+        return results
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def _check_fingerprint(out: Path, cfg: RunConfig, sizes: dict[str, int], task_seed: int) -> None:
