@@ -16,3 +16,9 @@ class EdgePuError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class NothingToTrain(EdgePuError):
+    """A PU round whose candidates all tied (or train.select left every prompt out): the ranking
+    gave no training signal. `edge-pu run` stops on it; `edge-pu eval` records the method as
+    trained on the SFT stage alone."""

@@ -40,7 +40,7 @@ from . import distributed as dist
 from .anchors import AnchorReport, AnchorStore
 from .config import RunConfig, config_to_dict, dump_config
 from .data import Prompt, check_prompt_lengths, load_data, prompt_ids
-from .errors import EdgePuError
+from .errors import EdgePuError, NothingToTrain
 from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
 from .measure import MB, Stages
 from .teachers import make_teacher
@@ -397,9 +397,11 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
           + (f"; {counts['unselected']} prompts left out by train.select: spread"
              if counts["unselected"] else ""), flush=True)
     if not units:
-        raise EdgePuError(f"round {r}: every prompt's candidates tied, so there is nothing to "
-                          "train on; raise sampling.temperature or sampling.k, or lower "
-                          "train.margin.")
+        why = (f"{tied} of {len(cands)} prompts' candidates tied"
+               + (f" and train.select: spread left {counts['unselected']} out"
+                  if counts["unselected"] else ""))
+        raise NothingToTrain(f"round {r}: {why}, so there is nothing to train on; raise "
+                             "sampling.temperature or sampling.k, or lower train.margin.")
     grpo = cfg.train.algorithm == "grpo"
     # The sampling policy's log-probs are the GRPO ratio's denominator, and for both algorithms
     # give the round's KL(pi || ref) estimate: E over sampled rows of sum(log pi - log ref).

@@ -211,8 +211,11 @@ def test_quick_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert again["methods"]["sft+pu-grpo-adv"]["pass_rate_mean"] == res["methods"][
         "sft+pu-grpo-adv"]["pass_rate_mean"]
 
-    # The cached candidates and results belong to this config: another one is refused.
+    # The cached candidates and results belong to this config: another one is refused; how the
+    # teacher is reached (a served teacher's new port, its timeout) is not what it answers.
     assert main(argv + ["--set", "train.lr=0.1"]) != 0
+    assert main(argv + ["--set", "teacher.base_url=http://127.0.0.1:9/v1",
+                        "--set", "teacher.timeout_s=5"]) == 0
 
 
 def test_eval_folder_from_an_older_edge_pu_is_reused(tmp_path: Path) -> None:
@@ -245,16 +248,18 @@ def test_eval_through_llama_cpp_answers_as_torch_does(tiny_llama_dir: Path,
     from edge_pu.cli import main
     from edge_pu.config import load_config
     from edge_pu.evaluate import greedy_answers
+    from edge_pu.jsonl import read_jsonl, write_jsonl_atomic
     from edge_pu.tasks import from_jsonl_row
 
     out = tmp_path / "eval"
     argv = ["eval", "--quick", "--student", str(tiny_llama_dir), "--out", str(out),
-            "--threads", "1", "--rankers", "recall", "judge", "--set",
+            "--threads", "1", "--rankers", "recall", "judge", "oracle", "--set",
             "sampling.engine=llama-cpp", "--set", "ranker.engine=llama-cpp",
-            "--set", "sft.lr=0.05"]  # 1 step that visibly moves the tiny student's answers
+            "--set", "sft.lr=0.05",  # 1 step that visibly moves the tiny student's answers
+            "--methods", "sft", "sft+pu-grpo-adv"]
     assert main(argv) == 0
     before = json.loads((out / "before.json").read_text())
-    tasks = {t.id: t for t in map(from_jsonl_row, read_rows(out / "tasks.jsonl"))}
+    tasks = {t.id: t for t in map(from_jsonl_row, read_jsonl(out / "tasks.jsonl"))}
     heldout = [tasks[a["id"]] for a in before["answers"]]
     backend = make_backend("cpu")
     backend.load(load_config(None, base={"student": {"path": str(tiny_llama_dir)},
@@ -270,6 +275,20 @@ def test_eval_through_llama_cpp_answers_as_torch_does(tiny_llama_dir: Path,
     assert trained != torch_answers
     res = json.loads((out / "results.json").read_text())
     assert res["rankers"]["recall"]["prompts_total"] == 9
+    # A PU round with nothing to train on (here: the oracle's scores made all equal, so every
+    # prompt ties) does not stop the eval: the method is scored as its SFT stage left it, and
+    # the report says so.
+    oracle_scores = out / "seed-0" / "shared-sft" / "scores-oracle.jsonl"
+    write_jsonl_atomic(oracle_scores, [{**r, "scores": [0.5] * len(r["scores"])}
+                                       for r in read_jsonl(oracle_scores)])
+    assert main(argv + ["sft+oracle"]) == 0
+    oracle = json.loads((out / "seed-0" / "sft+oracle" / "eval.json").read_text())
+    assert "nothing to train on" in oracle["train_diag"]["nothing_to_train"]
+    backend.load_adapter(out / "seed-0" / "sft-path" / "step-1" / "adapter")
+    assert [a["answer"] for a in oracle["answers"]] == greedy_answers(
+        backend, heldout, adapter=True, max_new_tokens=8, batch=9)
+    assert "sft+oracle: in 1 of 1 seed(s) the PU round had nothing to train on" in (
+        out / "results.md").read_text()
     # Each new set of weights replaced the last one's files: no pile of LoRA copies.
     assert len(list((out / "engine" / "sampler").glob("lora-v*.gguf"))) <= 1
     # ranker.engine alone has no llama.cpp model to score on: refused before any work.
@@ -277,8 +296,3 @@ def test_eval_through_llama_cpp_answers_as_torch_does(tiny_llama_dir: Path,
                  str(tmp_path / "x"), "--set", "ranker.engine=llama-cpp"]) != 0
     assert not (tmp_path / "x" / "before.json").exists()
 
-
-def read_rows(path: Path) -> list[dict]:
-    from edge_pu.jsonl import read_jsonl
-
-    return read_jsonl(path)

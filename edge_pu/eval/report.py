@@ -199,6 +199,11 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
                      f"{_lift(m, 'sft-stage1') if name.startswith('sft+') else '—'} | "
                      f"{_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
                      f"{_val(m)} | {m['train_seconds_mean']:.0f} |")
+    idle = {name: sum(1 for run in m["seeds"] if "nothing_to_train" in run.get("train_diag", {}))
+            for name, m in r["methods"].items()}
+    lines += [f"\n{name}: in {n} of {r['methods'][name]['n_seeds']} seed(s) the PU round had "
+              "nothing to train on (every prompt tied or left out by train.select); those seeds "
+              "score the SFT stage alone." for name, n in idle.items() if n]
     lines += ["", f"Untrained student (greedy): pass rate {r['before']['pass_rate']:.1%}, mean "
               f"quality {r['before']['quality']:.3f}.", "",
               "## Ranker quality", "",

@@ -22,7 +22,7 @@ from ..anchors import AnchorStore
 from ..config import RunConfig
 from ..data import Prompt
 from ..data import prompt_ids as chat_prompt_ids
-from ..errors import EdgePuError
+from ..errors import EdgePuError, NothingToTrain
 from ..evaluate import greedy_answers, score
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
 from ..measure import Stages
@@ -179,8 +179,14 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
                 for pid, s in scores[spec].items()])
             if m.kind == "two":
                 install_as_sft_stage(ctx.path_root, ctx.n_sft, run_dir)
-            result = run(mcfg, backend=backend, engine=ctx.engine)
-            diag = result.rounds[-1] if result.rounds else {}
+            try:
+                result = run(mcfg, backend=backend, engine=ctx.engine)
+                diag = result.rounds[-1] if result.rounds else {}
+            except NothingToTrain as e:  # the adapter stays where the SFT stage left it
+                print(f"[eval] {m.name} seed {seed}: {e} Scored as its SFT stage left it.",
+                      flush=True)
+                diag = {"nothing_to_train": str(e)}
+                train_info["steps"] = ctx.n_sft if m.kind == "two" else 0
             shutil.rmtree(run_dir / "state", ignore_errors=True)
             backend.save_adapter(run_dir / "adapter")
         elif m.kind in ("sft", "sft-stage1"):

@@ -307,9 +307,19 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
             engine.close()
 
 
+# Teacher keys that say how to reach the teacher, not what it answers.
+REACH = ("base_url", "api_key_env", "api_key_file", "timeout_s", "retries", "backoff_s",
+         "max_calls", "token_budget")
+
+
 def _check_fingerprint(out: Path, cfg: RunConfig, sizes: dict[str, int], task_seed: int) -> None:
-    """Refuse to mix cached candidates, scores and results made under another config."""
-    now = {"config": {k: v for k, v in config_to_dict(cfg).items() if k != "run_dir"},
+    """Refuse to mix cached candidates, scores and results made under another config. How the
+    teacher is reached (its endpoint, key, timeouts, budgets) is not part of it: the anchors are
+    keyed by what answers them (edge_pu.teachers: `openai:<model>`), so a served teacher on a
+    new port, or a resumed eval with more budget, reuses them."""
+    conf = config_to_dict(cfg)
+    conf["teacher"] = {k: v for k, v in conf["teacher"].items() if k not in REACH}
+    now = {"config": {k: v for k, v in conf.items() if k != "run_dir"},
            "sizes": sizes, "task_seed": task_seed}
     path = out / "eval_config.json"
     if path.exists():
@@ -319,6 +329,8 @@ def _check_fingerprint(out: Path, cfg: RunConfig, sizes: dict[str, int], task_se
         old["config"] = {k: {**default[k], **v} if isinstance(v, dict) and
                          isinstance(default.get(k), dict) else v
                          for k, v in old.get("config", {}).items()}
+        old["config"]["teacher"] = {k: v for k, v in old["config"].get("teacher", {}).items()
+                                    if k not in REACH}
         if old != json.loads(json.dumps(now)):
             changed = sorted(k for k in set(old["config"]) | set(now["config"])
                              if old["config"].get(k) != now["config"].get(k))
