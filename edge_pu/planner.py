@@ -14,8 +14,10 @@ without it freed activations stay in the heap and RSS ran up to 1.6x higher here
 as `torch.cuda.max_memory_allocated()` plus a CUDA-context allowance, MLX likewise; FIXME: both
 reuse the torch CPU formulas and are not measured (no such device here). Every sequence is
 taken at `student.max_length` tokens (T) with min(max_new_tokens, T-1) completion tokens (C):
-the worst case the config allows. Not counted: the tokenizer and Python-side data; FIXME: a
-.gguf student's one-time dequantization (transformers' GGUF loader) counts only the file.
+the worst case the config allows. Not counted: the tokenizer and Python-side data. A .gguf
+student's load is planned as its first run, the one-time dequantization into the cache (the file
+plus one float32 tensor beside the weights); later runs map the cached weights lazily and stay
+far under it.
 
 The formulas (bytes; e = 4 for float32, 2 for bfloat16; h hidden, I intermediate, L layers,
 nh heads of width d, kv = n_kv_heads*d, V vocab, r LoRA rank, N rows in one forward pass):
@@ -269,7 +271,12 @@ def _load_transient(cfg: RunConfig, s: ModelShape) -> int:
     """Bytes mapped or copied while loading, beyond the resident weights."""
     if cfg.student.quant == "nf4":
         return 2 * s.largest_linear() * elem_bytes(s.file_dtype)  # one tensor read, quantized
-    if cfg.student.dtype != s.file_dtype or s.gguf:
+    if s.gguf:  # the first run's dequantization (edge_pu.quant.student): the file mapped,
+        # and transformers' float32 copy of one tensor at a time, the embedding the largest.
+        # Measured first-time peaks, Qwen2.5-Coder Q4_K_M: 0.5B 3,792 MiB (this plan 3,817),
+        # 1.5B 8,820 MiB (9,161).
+        return s.file_bytes + 4 * s.vocab * s.hidden
+    if cfg.student.dtype != s.file_dtype:
         return s.file_bytes or s.param_count() * elem_bytes(s.file_dtype)
     return 0
 

@@ -217,6 +217,13 @@ def test_gguf_header_gives_the_shape(tmp_path: Path) -> None:
     assert (s.vocab, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim) == \
         (300, 64, 128, 2, 4, 2, 16)
     assert s.tied and s.gguf and s.file_bytes == path.stat().st_size
+    # Its first load dequantizes it: the file mapped plus transformers' float32 copy of the
+    # largest tensor, the 300 x 64 embedding: file + 4 * 300 * 64 bytes beside the weights.
+    from edge_pu.config import load_config
+    from edge_pu.planner import _load_transient
+
+    cfg = load_config(None, base={"student": {"path": str(path)}})
+    assert _load_transient(cfg, s) == path.stat().st_size + 4 * 300 * 64
 
 
 def test_plan_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

