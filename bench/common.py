@@ -130,6 +130,22 @@ def run_child(script: str, spec: dict[str, Any], timeout: float = 3600) -> dict[
     return json.loads(lines[-1])
 
 
+def interleaved(script: str, spec: dict[str, Any], engines: list[str], rounds: int,
+                line: Any) -> dict[str, list[dict[str, Any]]]:
+    """One child process per (round, engine), engines interleaved round by round so that load
+    drifts hit all of them; a failed child ends the bench with its error. `line(out)` is what
+    each child's result prints after its round and engine."""
+    results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    for rnd in range(rounds):
+        for engine in engines:
+            out = run_child(script, {**spec, "engine": engine})
+            if "error" in out:
+                raise SystemExit(f"[bench] {engine} failed:\n{out['error']}")
+            results[engine].append(out)
+            print(f"  round {rnd + 1} {engine:9s} {line(out)}", flush=True)
+    return results
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

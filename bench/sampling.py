@@ -36,11 +36,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    interleaved,
     load_average,
     median,
     model_dir,
     resident_rss_mb,
-    run_child,
     set_threads,
     spread,
     student_path,
@@ -159,24 +159,18 @@ def main() -> None:
     print(f"[bench] sampling: {args.model} on {args.device}, {args.prompts} prompts x K={args.k}"
           f" x {args.max_new_tokens} tokens, top_p={args.top_p}, threads={args.threads}; "
           f"load average {load_average()}", flush=True)
-    results: dict[str, list[dict[str, Any]]] = {"edge_pu": [], "hf": []}
-    if args.llamacpp:
-        results["edge_pu-llamacpp"] = []
-    if args.import_as:
-        results[f"edge_pu-llamacpp-{args.import_as}"] = []
+    engines = ["edge_pu", "hf"] + (["edge_pu-llamacpp"] if args.llamacpp else []) + (
+        [f"edge_pu-llamacpp-{args.import_as}"] if args.import_as else [])
     if args.llamacpp or args.import_as:
         spec["student_path"] = str(student_path(args.model))
-    for rnd in range(args.rounds):
-        for engine in results:
-            out = run_child(__file__, {**spec, "engine": engine})
-            if "error" in out:
-                raise SystemExit(f"[bench] {engine} failed:\n{out['error']}")
-            results[engine].append(out)
-            tps = [r["tokens_per_s"] for r in out["runs"]]
-            cps = [r["tokens_per_cpu_s"] for r in out["runs"]]
-            print(f"  round {rnd + 1} {engine:8s} tokens/s {', '.join(f'{x:.1f}' for x in tps)}"
-                  f"  per CPU-s {', '.join(f'{x:.1f}' for x in cps)}"
-                  f"  equal lengths: {out['equal_lengths']}", flush=True)
+
+    def line(out: dict[str, Any]) -> str:
+        tps = [r["tokens_per_s"] for r in out["runs"]]
+        cps = [r["tokens_per_cpu_s"] for r in out["runs"]]
+        return (f"tokens/s {', '.join(f'{x:.1f}' for x in tps)}  per CPU-s "
+                f"{', '.join(f'{x:.1f}' for x in cps)}  equal lengths: {out['equal_lengths']}")
+
+    results = interleaved(__file__, spec, engines, args.rounds, line)
     summary = _summarise(results, args.device)
     print(summary["text"])
     if args.json:

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (
+from common import (  # noqa: E402
+    interleaved,
     load_average,
     median,
     model_dir,
-    run_child,
     set_threads,
     spread,
-    student_path,  # noqa: E402
+    student_path,
 )
 
 
@@ -122,16 +122,10 @@ def main() -> None:
     print(f"[bench] scoring: {args.model}, {args.prompts} prompts x K={args.k}, candidates up "
           f"to {args.max_new_tokens} tokens, threads {args.threads}; load average "
           f"{load_average()}", flush=True)
-    results: dict[str, list[dict[str, Any]]] = {"torch": [], "llama-cpp": []}
-    for rnd in range(args.rounds):
-        for engine in results:
-            got = run_child(__file__, {**spec, "engine": engine})
-            if "error" in got:
-                raise SystemExit(f"[bench] {engine} failed:\n{got['error']}")
-            results[engine].append(got)
-            print(f"  round {rnd + 1} {engine:9s} " + "  ".join(
-                f"{m} {', '.join(f'{x:.1f}' for x in r['candidates_per_s'])}/s"
-                for m, r in got["rankers"].items()), flush=True)
+    results = interleaved(__file__, spec, ["torch", "llama-cpp"], args.rounds,
+                          lambda got: "  ".join(
+                              f"{m} {', '.join(f'{x:.1f}' for x in r['candidates_per_s'])}/s"
+                              for m, r in got["rankers"].items()))
     text = _summarise(results, args.rankers)
     print(text)
     if args.json:

@@ -330,12 +330,9 @@ def stage_memory(cfg: RunConfig, backend: Any, meter: Stages) -> dict[str, Any]:
 
 
 def scorer(backend: Any, cfg: RunConfig, engine: Any) -> Any:
-    """What the rankers score with: the llama.cpp view under ranker.engine: llama-cpp (it
-    needs sampling.engine: llama-cpp, which opens the view), else the backend."""
-    if cfg.ranker.engine == "llama-cpp" and engine is None:
-        raise EdgePuError("ranker.engine: llama-cpp scores through the llama.cpp model that "
-                          "sampling.engine: llama-cpp opens; set both, or ranker.engine: "
-                          "backend.")
+    """What the rankers score with: the llama.cpp view under ranker.engine: llama-cpp (the
+    config check makes that need sampling.engine: llama-cpp, which opens it), else the
+    backend."""
     return engine if cfg.ranker.engine == "llama-cpp" else backend
 
 

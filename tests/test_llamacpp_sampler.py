@@ -178,4 +178,4 @@ def test_prefix_runs_share_what_consecutive_prompts_share() -> None:
     # row 4 joins ([1, 9, 9] in common, capped at 2). Row 5 alone shares nothing.
     prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7], [1, 2, 3, 4, 5, 8], [1, 9, 9, 9],
                [1, 9, 9], [7, 7]]
-    assert _prefix_runs(prompts) == [(0, 4), (3, 2), (5, 0)]
+    assert _prefix_runs(prompts) == [(0, 3, 4), (3, 5, 2), (5, 6, 0)]

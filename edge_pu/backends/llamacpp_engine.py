@@ -45,9 +45,10 @@ class EngineView:
                 self.sampler.refresh(None, "base")
             else:
                 self._n += 1
-                path = self.sampler.work_dir / f"adapter-{tag or f'v{self._n}'}"
+                tag = tag or f"v{self._n}"
+                path = self.sampler.work_dir / f"adapter-{tag}"
                 self.backend.save_adapter_for(adapter, path)
-                self.sampler.refresh(path, tag or f"v{self._n}")
+                self.sampler.refresh(path, tag)
             if old is not None and old.name.startswith("lora-v"):  # a passing copy: not kept
                 old.unlink(missing_ok=True)
                 shutil.rmtree(old.with_name(old.stem.replace("lora-", "adapter-")),

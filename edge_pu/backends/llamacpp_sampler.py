@@ -239,7 +239,7 @@ class LlamaCppSampler:
         if not todo:
             return out
         runs = _prefix_runs([prompts[r] for r in todo])
-        cells = sum(n for _, n in runs) + sum(len(inputs[r]) for r in todo)
+        cells = sum(n for _, _, n in runs) + sum(len(inputs[r]) for r in todo)
         rows = len(todo)
         n_seq, n_ctx, unified = self.shape
         if not unified or rows > n_seq or cells > n_ctx:
@@ -249,14 +249,14 @@ class LlamaCppSampler:
         mem = ll.llama_get_memory(self.llm._ctx.ctx)
         ll.llama_memory_clear(mem, True)
         heads: list[tuple[int, int, int, bool]] = []
-        for (first, shared) in runs:
+        for first, _, shared in runs:
             heads += [(t, i, first, False) for i, t in enumerate(prompts[todo[first]][:shared])]
         if heads:
             self._decode(heads)
         tails: list[tuple[int, int, int, bool]] = []
         where: list[tuple[int, int]] = []  # (row, batch index of its first read logit)
-        for first, shared in runs:
-            for j in range(first, _run_end(runs, first, len(todo))):
+        for first, end, shared in runs:
+            for j in range(first, end):
                 if j != first and shared:
                     ll.llama_memory_seq_cp(mem, first, j, 0, shared)
                 r = todo[j]
@@ -343,12 +343,12 @@ class LlamaCppSampler:
             self.llm = None
 
 
-def _prefix_runs(prompts: Sequence[list[int]]) -> list[tuple[int, int]]:
-    """(first row, shared tokens) for runs of consecutive prompts that share a prefix: a row
-    joins the run while the run's common prefix keeps at least half of what its first two rows
-    share. The shared part stops one token short of the shortest prompt, so every logit read
-    (from a prompt's last token on) comes from a row's own tail."""
-    runs: list[tuple[int, int]] = []
+def _prefix_runs(prompts: Sequence[list[int]]) -> list[tuple[int, int, int]]:
+    """(first row, end row, shared tokens) for runs of consecutive prompts that share a prefix:
+    a row joins the run while the run's common prefix keeps at least half of what its first two
+    rows share. The shared part stops one token short of the shortest prompt, so every logit
+    read (from a prompt's last token on) comes from a row's own tail."""
+    runs: list[tuple[int, int, int]] = []
     i = 0
     while i < len(prompts):
         shared, j = len(prompts[i]) - 1, i + 1
@@ -360,14 +360,9 @@ def _prefix_runs(prompts: Sequence[list[int]]) -> list[tuple[int, int]]:
             if common < floor:
                 break
             shared, j = common, j + 1
-        runs.append((i, shared if j > i + 1 else 0))
+        runs.append((i, j, shared if j > i + 1 else 0))
         i = j
     return runs
-
-
-def _run_end(runs: list[tuple[int, int]], first: int, total: int) -> int:
-    nxt = [f for f, _ in runs if f > first]
-    return nxt[0] if nxt else total
 
 
 def _common(a: Sequence[int], b: Sequence[int], cap: int) -> int:
