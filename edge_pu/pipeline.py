@@ -130,7 +130,10 @@ def _seed(*parts: object) -> int:
 def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: set[str],
                  run_dir: Path, round_idx: int, sampler: Any = None) -> dict[str, list[dict]]:
     """K candidates per anchored prompt, drawn by `sampler` (default: the backend itself)."""
+    from .train import pu_subset
+
     sampler = sampler or backend
+    anchored = pu_subset(anchored, cfg.train.sample_prompts, cfg.sampling.seed, round_idx)
     path = run_dir / "candidates.jsonl"
     pos = {p.id: i for i, p in enumerate(prompts)}
 
@@ -218,6 +221,10 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
     run_dir = dist.main_does(lambda: prepare_run_dir(cfg, restart=restart))
     print("[config] resolved:\n" + dump_config(cfg), flush=True)
     prompts = load_data(cfg.data)
+    if cfg.ranker.reward_funcs:  # a reward function that does not import fails before any work
+        from .rewards import check_config
+
+        check_config(cfg.ranker.reward_funcs, cfg.ranker.reward_weights)
     # The student is loaded and the prompts measured before the teacher is asked anything:
     # bad input must not cost a paid call.
     if backend is None:
@@ -359,6 +366,7 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
                anchors: dict[str, str], run_dir: Path, r: int, sampler: Any,
                meter: Stages) -> dict[str, Any]:
     # Imported here: train pulls in torch (the losses), and `edge-pu anchors` must run without.
+    from .rank import RankItem, anchor_gate
     from .sft import anchor_completion
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
@@ -368,11 +376,14 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         scores = rank_round(scorer(backend, cfg, sampler), cfg, by_id, anchors, cands,
                             run_dir, r)
     ids = {pid: prompt_ids(backend, by_id[pid]) for pid in cands}
+    gate = anchor_gate(cfg.ranker, cfg.train.anchor_check, [RankItem(
+        pid, by_id[pid], anchors[pid], [c["token_ids"] for c in cs], [c["text"] for c in cs])
+        for pid, cs in cands.items()], scores)
     units, records, counts = build_units(
         cfg.train, ids, {pid: [c["token_ids"] for c in cs] for pid, cs in cands.items()},
         scores, finished={pid: [bool(c.get("finished", True)) for c in cs]
                           for pid, cs in cands.items()},
-        anchors={pid: anchor_completion(backend, anchors[pid]) for pid in cands})
+        anchors={pid: anchor_completion(backend, anchors[pid]) for pid in cands if pid in gate})
     tied = counts["tied"]
     path = run_dir / "pairs.jsonl"
     main = dist.world().main
@@ -384,6 +395,7 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
         "tied_share": tied / max(1, len(cands)),
         "unfinished_candidates": counts["unfinished"], "dropped_candidates": counts["dropped"],
         "anchor_units": counts["anchor_units"], "unselected_prompts": counts["unselected"],
+        "anchors_checked_out": len(cands) - len(gate),
         "score_spread_mean": statistics.fmean(spreads) if spreads else 0.0,
         "candidate_tokens_mean": statistics.fmean(len(c["token_ids"]) for cs in cands.values()
                                                   for c in cs),

@@ -15,6 +15,9 @@ Modes (METHOD.md), selected by name from `RANKERS`:
   calibration).
 - `similarity` (chrF to the anchor), `bleu` (sentence BLEU to the anchor) and `random`:
   baselines that are not self-ranking.
+- `reward`: the user's reward functions (verifiers, `ranker.reward_funcs`, TRL's calling
+  convention; edge_pu.rewards), optionally with ties broken by a self-ranking mode
+  (`ranker.reward_tiebreak`). Not label-free: an option beside the PU ranking.
 With `use_anchor=False`, likelihood and judge drop the reference (the "self-judging without the
 anchor" baseline): likelihood becomes mean-token log pi(y_i | x).
 The judge weights are the frozen starting student (`ranker.judge: initial`, adapter disabled)
@@ -161,6 +164,52 @@ def random_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig
     return out
 
 
+def reward_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
+                  use_anchor: bool = True) -> list[list[float]]:
+    from .rewards import call_rewards, tiebreak
+
+    rows = [(it, j) for it in items for j in range(len(it.texts))]
+    flat = call_rewards(cfg.reward_funcs, cfg.reward_weights, [it.chat for it, _ in rows],
+                        [it.texts[j] for it, j in rows], [it.candidates[j] for it, j in rows],
+                        [it.prompt_id for it, _ in rows])
+    out = _regroup(flat, items)
+    if cfg.reward_tiebreak:
+        own = RANKERS[cfg.reward_tiebreak](backend, items, cfg, use_anchor=use_anchor)
+        out = [tiebreak(r, s) for r, s in zip(out, own, strict=True)]
+    return out
+
+
+def anchor_rewards(cfg: RankerConfig, items: Sequence[RankItem]) -> list[float]:
+    """Each item's anchor scored by the reward functions, as if it were a candidate."""
+    from .rewards import call_rewards
+
+    return call_rewards(cfg.reward_funcs, cfg.reward_weights, [it.chat for it in items],
+                        [it.anchor for it in items], [[] for _ in items],
+                        [it.prompt_id for it in items])
+
+
+def anchor_gate(cfg: RankerConfig, check: str, items: Sequence[RankItem],
+                scores: dict[str, list[float]]) -> set[str]:
+    """The prompts whose anchor may join training as the positive (`train.anchor_check`):
+    every prompt without reward functions or with `none`; else those whose anchor's reward is
+    at least the best candidate's (a teacher answer that breaks its own prompt's constraints
+    is not pushed)."""
+    if not cfg.reward_funcs or check == "none":
+        return {it.prompt_id for it in items}
+    if cfg.mode == "reward" and not cfg.reward_tiebreak:
+        cand = [scores[it.prompt_id] for it in items]
+    else:
+        from .rewards import call_rewards
+
+        rows = [(it, j) for it in items for j in range(len(it.texts))]
+        cand = _regroup(call_rewards(cfg.reward_funcs, cfg.reward_weights,
+                                     [it.chat for it, _ in rows], [it.texts[j] for it, j in rows],
+                                     [it.candidates[j] for it, j in rows],
+                                     [it.prompt_id for it, _ in rows]), items)
+    return {it.prompt_id for it, a, c in zip(items, anchor_rewards(cfg, items), cand,
+                                             strict=True) if a >= max(c) - 1e-9}
+
+
 def _regroup(flat: list[float], items: Sequence[RankItem]) -> list[list[float]]:
     out, pos = [], 0
     for it in items:
@@ -177,4 +226,5 @@ RANKERS: dict[str, Ranker] = {
     "similarity": similarity_scores,
     "bleu": bleu_scores,
     "random": random_scores,
+    "reward": reward_scores,
 }

@@ -143,6 +143,19 @@ def select_prompts(cfg: TrainConfig, cal: dict[str, list[float | None]], *,
     return set(order[:budget])  # sorted() is stable: ties keep input order
 
 
+def pu_subset(anchored: set[str], n: int, seed: int, round_idx: int) -> set[str]:
+    """The prompts round `round_idx` samples (`train.sample_prompts`): all when n <= 0 or n
+    covers them, else the n with the smallest sha256 of "seed|round|id": fixed by the seed,
+    different each round, independent of the prompts' order (crc32 would not do: one changed
+    character XORs every checksum by the same constant, which keeps much of the order)."""
+    if n <= 0 or n >= len(anchored):
+        return set(anchored)
+    import hashlib
+
+    return set(sorted(anchored, key=lambda pid: hashlib.sha256(
+        f"{seed}|{round_idx}|{pid}".encode()).hexdigest())[:n])
+
+
 def attach_logprobs(backend: Backend, units: Sequence[Unit], need_old: bool,
                     batch: int = 8) -> None:
     """Fill each unit's reference (and, for GRPO, sampling-policy) token log-probs.
@@ -208,7 +221,12 @@ def train(backend: Backend, units: list[Unit], cfg: TrainConfig, *, round_idx: i
     for step in range(start_step, steps):
         t0 = time.time()
         pick = [units[i] for i in order[step * cfg.batch_size: (step + 1) * cfg.batch_size]]
-        micro = [pick[s: s + cfg.micro_batch] for s in range(0, len(pick), cfg.micro_batch)]
+        # A micro-batch's GRPO groups are one [G, K] tensor, so they must be the same size: a
+        # group whose anchor was checked out (train.anchor_check) has K rows, not K + 1.
+        micro = [same[s: s + cfg.micro_batch]
+                 for size in sorted({len(u.completions) for u in pick})
+                 for same in [[u for u in pick if len(u.completions) == size]]
+                 for s in range(0, len(same), cfg.micro_batch)]
         batches = [to_batch(m, len(m) / len(pick), grpo) for m in micro]
         metrics = backend.train_step(batches, loss_fn, lcfg)
         metrics.update(round=round_idx, step=step + 1, steps=steps,

@@ -205,3 +205,18 @@ def test_shared_prompt_scoring_equals_the_padded_batch_path(tiny_llama_dir: Path
         lp, mask = backend._token_logp([prompt] * 3, comps)
     for row, c, want in zip(shared, comps, lp.tolist(), strict=True):
         assert row == pytest.approx(want[: len(c)], abs=1e-5)
+
+
+def test_pu_subset_is_seeded_fresh_each_round_and_all_by_default() -> None:
+    """train.sample_prompts: 0 or >= the prompts keeps all; n keeps the n ids with the smallest
+    sha256("seed|round|id"), so it is fixed by (seed, round), not by the set's order."""
+    import hashlib
+
+    from edge_pu.train import pu_subset
+
+    ids = {f"p{i}" for i in range(10)}
+    assert pu_subset(ids, 0, 0, 1) == ids and pu_subset(ids, 10, 0, 1) == ids
+    want = set(sorted(ids, key=lambda p: hashlib.sha256(f"0|1|{p}".encode()).hexdigest())[:3])
+    assert pu_subset(ids, 3, 0, 1) == want and len(want) == 3
+    assert pu_subset(set(sorted(ids, reverse=True)), 3, 0, 1) == want
+    assert pu_subset(ids, 3, 0, 2) != want  # round 2 draws other prompts

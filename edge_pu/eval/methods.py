@@ -33,6 +33,12 @@ and 2N steps, the one with the best pass rate on a validation split (never the h
 | sft+pu:keep-unfinished | two    | the default with unfinished candidates ranked like answers     |
 | sft+pu:zscore        | two      | the default with per-group z-scores instead of pooled scale    |
 | sft+pu:group-adv     | two      | the default with advantages divided by each group's std        |
+| sft+verifier         | two      | SFT, then GRPO-adv on the reward functions (reward_funcs, e.g. |
+|                      |          | the workload's constraint checker): not label-free             |
+| sft+verifier+recall  | two      | the same, equal rewards ordered by the recall self-ranking     |
+| sft+pu:anchor-check  | two      | the default; the anchor is the positive only where the reward  |
+|                      |          | functions score it at least as high as the best candidate      |
+| teacher              | teacher  | the teacher's own answers (the ceiling a student can reach)    |
 | pu-dpo ...           | pipeline | single-stage: PU from the untrained student (as before)        |
 
 Any PU method takes train.* settings of its own as a variant, `name@key=value[@...]`
@@ -56,6 +62,9 @@ class Method:
     ranker: str = ""  # a RANK_SPECS name; "{mode}" stands for the config's ranker.mode
     about: str = ""
     train: tuple[tuple[str, Any], ...] = ()  # train.* overrides (the ablations)
+    # Whether the method may see ranker.reward_funcs (a verifier): "" no (label-free), "rank"
+    # (its ranker), "anchor" (only to check each anchor, train.anchor_check).
+    verifier: str = ""
 
     def ranker_spec(self, mode: str) -> str:
         return self.ranker.replace("{mode}", mode)
@@ -97,6 +106,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            about="SFT, then PU self-ranking by likelihood gain + LDL-GRPO (advantage)"),
     Method("sft+bleu", "two", "grpo", "advantage", ranker="bleu",
            about="SFT, then GRPO on BLEU to the anchor"),
+    Method("sft+verifier", "two", "grpo", "advantage", ranker="reward", verifier="rank",
+           about="SFT, then GRPO on the reward functions (a verifier; not label-free)"),
+    Method("sft+verifier+recall", "two", "grpo", "advantage", ranker="reward+recall",
+           verifier="rank", about="SFT, then GRPO on the reward functions, ties by recall"),
+    Method("sft+pu:anchor-check", "two", "grpo", "advantage", ranker="{mode}",
+           verifier="anchor", about="default; an anchor that fails the verifier is no positive"),
+    Method("teacher", "teacher", about="the teacher's own answers (the ceiling)"),
     Method("sft+pu:no-anchor", "two", "grpo", "advantage", ranker="{mode}",
            train=(("anchor", "none"),), about="default without the anchor as positive"),
     Method("sft+pu:keep-unfinished", "two", "grpo", "advantage", ranker="{mode}",

@@ -35,7 +35,10 @@ RANK_SPECS: dict[str, tuple[str, bool]] = {  # name -> (edge_pu.rank mode, use_a
     "bleu": ("bleu", True),
     "random": ("random", True),
     "oracle": ("oracle", True),  # the checker's quality (edge_pu.eval.runners): the ceiling
+    "reward": ("reward", True),  # ranker.reward_funcs (a verifier), edge_pu.rewards
+    "reward+recall": ("reward", True),  # the same, equal rewards ordered by recall
 }
+NEEDS_REWARDS = ("reward", "reward+recall")
 
 
 def score_items(backend: Any, items: Sequence[RankItem], spec: str, cfg: RankerConfig,
@@ -43,6 +46,8 @@ def score_items(backend: Any, items: Sequence[RankItem], spec: str, cfg: RankerC
     """Scores of every item's candidates under ranker `spec`, in batches of ~batch_size rows."""
     mode, use_anchor = RANK_SPECS[spec]
     ranker, rcfg = RANKERS[mode], replace(cfg, mode=mode)
+    if spec == "reward+recall":
+        rcfg = replace(rcfg, reward_tiebreak="recall")
     step = max(1, cfg.batch_size // max(1, k))
     out: list[list[float]] = []
     for s in range(0, len(items), step):

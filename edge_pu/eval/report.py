@@ -183,22 +183,27 @@ def markdown(r: dict[str, Any], plots: list[str], plot_note: str = "") -> str:
         f"{cfg['sampling']['max_new_tokens']} tokens; budget {suite.get('budget', {})} "
         f"(optimizer steps; ~{2 * cfg['train']['batch_size']} completion rows each); {seeds} "
         f"seed(s), mean ± sample sd over seeds. Greedy held-out answers of at most "
-        f"{r['sizes']['eval_max_new_tokens']} tokens. Total {r['seconds']:.0f} s.", "",
+        f"{r['sizes']['eval_max_new_tokens']} tokens. Total {r['seconds']:.0f} s."
+        + (f" The teacher's anchors pass their own prompt's checker on "
+           f"{suite['anchors']['passed']} of {suite['anchors']['anchored']} training prompts "
+           f"({suite['anchors']['share']:.0%}; mean quality "
+           f"{suite['anchors']['mean_quality']:.3f})." if suite.get("anchors") else ""), "",
         "## Held-out pass rate by method", "",
         "Lifts are paired differences over the held-out prompts (each prompt's pass averaged "
         "over seeds) with a bootstrap 95% interval; an interval that contains 0 is no effect. "
         "Validation pass: the same adapters on the validation split, the column settings are "
         "chosen by.",
         "", "| method | what | pass rate | vs untrained (points) | vs sft | vs sft-best | "
-        "vs its SFT start | mean quality | validation pass | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "vs its SFT start | mean quality | validation pass | train s | train peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         n = m["n_seeds"]
         lines.append(f"| {name} | {m['about']} | {_pm(m['pass_rate_mean'], m['pass_rate_sd'], n)}"
                      f" | {_lift(m, 'none')} | {_lift(m, 'sft')} | {_lift(m, 'sft-best')} | "
                      f"{_lift(m, 'sft-stage1') if name.startswith('sft+') else '—'} | "
                      f"{_pm(m['quality_mean'], m['quality_sd'], n, pct=False)} | "
-                     f"{_val(m)} | {m['train_seconds_mean']:.0f} |")
+                     f"{_val(m)} | {m['train_seconds_mean']:.0f} | "
+                     f"{m['train_peak_rss_mb']:,.0f} |")
     idle = {name: sum(1 for run in m["seeds"] if "nothing_to_train" in run.get("train_diag", {}))
             for name, m in r["methods"].items()}
     lines += [f"\n{name}: in {n} of {r['methods'][name]['n_seeds']} seed(s) the PU round had "

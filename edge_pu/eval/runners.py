@@ -132,6 +132,10 @@ def method_config(cfg: RunConfig, m: Method, run_dir: Path, n_sft: int = 0,
     ranker = cfg.ranker
     if m.ranker and m.ranker_spec(cfg.ranker.mode) != "oracle":
         ranker = replace(ranker, mode=RANK_SPECS[m.ranker_spec(cfg.ranker.mode)][0])
+    if m.ranker_spec(cfg.ranker.mode) == "reward+recall":
+        ranker = replace(ranker, reward_tiebreak="recall")
+    if not m.verifier:  # a label-free method never sees the verifier, not even for anchors
+        ranker = replace(ranker, reward_funcs=(), reward_weights=())
     train = replace(t, algorithm=m.algorithm, grpo_variant=m.grpo_variant, batch_size=bs,
                     micro_batch=mb, **dict(m.train))
     sft = replace(cfg.sft, enabled=False)
@@ -223,6 +227,46 @@ def run_method(m: Method, ctx: MethodContext) -> dict[str, Any]:
     return strip(res)
 
 
+TEACHER_ROW = "teacher-row"  # the teacher's own answers: not anchors, not counted as such
+
+
+def teacher_answers(cfg: RunConfig, prompts: list[tuple[str, str]], folder: Path,
+                    max_tokens: int) -> list[str]:
+    """The teacher's greedy answer to each (id, prompt), asked once and cached in `folder`
+    (an anchors store of its own, so a rerun asks nothing again)."""
+    tcfg = replace(cfg.teacher, max_tokens=max_tokens, temperature=0.0)
+    store = AnchorStore(folder)
+    asked = [Prompt(pid, text) for pid, text in prompts]
+    teacher = make_teacher(tcfg)
+    store.fetch(asked, teacher, tcfg)
+    got = store.anchors_for(asked, teacher.identity, tcfg)
+    missing = [p.id for p in asked if p.id not in got]
+    if missing:
+        raise EdgePuError(f"eval: the teacher gave no answer for {len(missing)} prompts "
+                          f"({', '.join(missing[:3])}...); see {folder}/teacher_failures.jsonl.")
+    return [got[p.id].strip() for p in asked]
+
+
+def teacher_eval(cfg: RunConfig, heldout: list[Task], sizes: dict[str, int], out: Path,
+                 bench: Benchmark, stages: Stages) -> dict[str, Any]:
+    """The `teacher` row: the teacher's own answers on the held-out prompts and the benchmark."""
+    path = out / TEACHER_ROW / "eval.json"
+    with stages.stage("eval:teacher") as info:
+        if path.exists():
+            info["cached"] = True
+            res = json.loads(path.read_text())
+        else:
+            answers = teacher_answers(cfg, [(t.id, t.prompt) for t in heldout],
+                                      out / TEACHER_ROW / "heldout", sizes["eval_max_new_tokens"])
+            res = {**score(heldout, answers),
+                   "passes": [int(passed(t, a)) for t, a in zip(heldout, answers, strict=True)],
+                   "answers": [{"id": t.id, "answer": a} for t, a in zip(heldout, answers,
+                                                                          strict=True)]}
+            write_atomic(path, json.dumps(res, indent=1))
+    bench.run_teacher(cfg, out / TEACHER_ROW / "ifeval")
+    return res
+
+
 def _restore(m: Method, ctx: MethodContext, run_dir: Path) -> None:
     """Put a scored method's adapter back (for a benchmark asked for after it was scored)."""
     from .sft_path import load_checkpoint
@@ -298,6 +342,26 @@ class Benchmark:
         res = json.loads(path.read_text())
         self.records.setdefault(method, []).append(
             {"seed": seed, **{k: v for k, v in res.items() if k != "answers"}})
+
+    def run_teacher(self, cfg: RunConfig, folder: Path) -> None:
+        """IFEval answered by the teacher itself (the `teacher` row), once for every seed."""
+        if not self.enabled or not self._scored("teacher"):
+            return
+        path = self._path("teacher", None)
+        if not path.exists():
+            from .ifeval import score_ifeval
+
+            with self.stages.stage("ifeval:teacher"):
+                answers = teacher_answers(cfg, [(f"ifeval-{it.key}", it.prompt)
+                                                for it in self.items], folder,
+                                          self.opts.ifeval_max_new_tokens)
+                res = score_ifeval(self.items, answers)
+            res["answers"] = answers
+            write_atomic(path, json.dumps(res, indent=1))
+        if "teacher" not in self.records:
+            res = json.loads(path.read_text())
+            self.records["teacher"] = [{"seed": None, **{k: v for k, v in res.items()
+                                                          if k != "answers"}}]
 
     def results(self) -> dict[str, Any]:
         if not self.enabled:

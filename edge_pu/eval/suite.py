@@ -45,10 +45,11 @@ from ..errors import EdgePuError
 from ..jsonl import read_jsonl, write_atomic, write_jsonl_atomic
 from ..measure import Stages
 from ..tasks import FAMILIES, check, generate_tasks, split, to_jsonl_rows
+from ..tasks.workload import WORKLOAD
 from ..teachers import make_teacher
 from ..train import plan_steps
 from .methods import DEFAULT_METHODS, QUICK_METHODS, method_named, reset_adapter
-from .ranking import RANK_SPECS, summarize
+from .ranking import NEEDS_REWARDS, RANK_SPECS, summarize
 from .runners import (
     Benchmark,
     MethodContext,
@@ -57,6 +58,7 @@ from .runners import (
     method_config,
     run_method,
     strip,
+    teacher_eval,
 )
 
 __all__ = ["EvalOptions", "method_config", "run_eval", "teacher_calls"]
@@ -79,7 +81,13 @@ SIZES = {"full": {"train_per_family": 6, "validation_per_family": 5, "heldout_pe
                   "eval_max_new_tokens": 40, "eval_batch": 30, "pu_steps": 8},
          "quick": {"train_per_family": 1, "validation_per_family": 1, "heldout_per_family": 1,
                    "eval_max_new_tokens": 8, "eval_batch": 9, "pu_steps": 1}}
-IFEVAL_METHODS = ("none", "sft", "sft-best", "sft+pu-grpo-adv")
+# --suite workload: the instruction-following workload (edge_pu.tasks.workload, 8 genres):
+# longer answers, a real teacher, and its constraint checker as the built-in reward function.
+WORKLOAD_SIZES = {"train_per_family": 20, "validation_per_family": 4, "heldout_per_family": 8,
+                  "eval_max_new_tokens": 200, "eval_batch": 16, "pu_steps": 8}
+WORKLOAD_REWARD = "edge_pu.tasks.constraints:reward"
+IFEVAL_METHODS = ("none", "sft", "sft-best", "sft+pu-grpo-adv", "sft+verifier",
+                  "sft+verifier+recall", "sft+pu:anchor-check", "sft+pu-dpo", "teacher")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class EvalOptions:
     ifeval_prompts: int = 60
     ifeval_max_new_tokens: int = 160
     tune: bool = False  # score methods on the validation split (for choosing settings)
+    suite: str = "tasks"  # tasks (built-in checkable tasks) | workload (edge_pu.tasks.workload)
 
 
 def set_threads(n: int) -> int:
@@ -118,7 +127,8 @@ def set_threads(n: int) -> int:
 
 
 def _sizes(opts: EvalOptions) -> dict[str, int]:
-    sizes = dict(SIZES["quick" if opts.quick else "full"])
+    sizes = dict(SIZES["quick"] if opts.quick else WORKLOAD_SIZES if opts.suite == "workload"
+                 else SIZES["full"])
     if opts.tune:
         sizes["tune"] = 1  # a different scored set: its cached results must not mix
     for key in ("train_per_family", "heldout_per_family", "eval_max_new_tokens",
@@ -131,10 +141,15 @@ def _sizes(opts: EvalOptions) -> dict[str, int]:
 def resolve_config(opts: EvalOptions, out: Path) -> RunConfig:
     base = merge_dicts(EVAL_DEFAULTS, QUICK_DEFAULTS if opts.quick else {})
     base["teacher"]["path"] = str(out / "tasks.jsonl")
+    if opts.suite == "workload":  # its checker is the verifier methods' reward function
+        base["ranker"]["reward_funcs"] = [WORKLOAD_REWARD]
     overrides = list(opts.overrides)
     if opts.student:
         overrides.append(f"student.path={opts.student}")
     cfg = load_config(opts.config, overrides, base=base)
+    if opts.suite == "workload" and cfg.teacher.kind == "oracle":
+        raise EdgePuError("eval --suite workload: its prompts have no oracle answer; name a "
+                          "real teacher (teacher.kind: openai, gguf, hf or file).")
     if not cfg.student.path:
         from ..demo import find_demo_student
 
@@ -181,7 +196,11 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     sizes = _sizes(opts)
     tr, va, ho = (sizes["train_per_family"], sizes["validation_per_family"],
                   sizes["heldout_per_family"])
-    tasks = generate_tasks(len(FAMILIES) * (tr + va + ho), seed=opts.task_seed)
+    if opts.suite not in ("tasks", "workload"):
+        raise EdgePuError(f"eval: --suite {opts.suite!r} is not tasks or workload.")
+    families = WORKLOAD if opts.suite == "workload" else tuple(FAMILIES)
+    tasks = generate_tasks(len(families) * (tr + va + ho), seed=opts.task_seed,
+                           families=families)
     # Held-out first, then validation from the rest: three disjoint sets of distinct prompts.
     rest, heldout = split(tasks, heldout_fraction=ho / (tr + va + ho), seed=opts.task_seed)
     train_tasks, validation = split(rest, heldout_fraction=va / (tr + va),
@@ -189,8 +208,10 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     if opts.tune:  # choosing settings: score on the validation split, never the held-out set
         heldout = validation
     write_jsonl_atomic(out / "tasks.jsonl", to_jsonl_rows(tasks))
-    write_jsonl_atomic(out / "train_prompts.jsonl",
-                       [{"id": t.id, "prompt": t.prompt} for t in train_tasks])
+    write_jsonl_atomic(out / "train_prompts.jsonl", [  # the workload's reward reads the column
+        {"id": t.id, "prompt": t.prompt, **({"constraints": t.spec["constraints"]}
+                                            if "constraints" in t.spec else {})}
+        for t in train_tasks])
     cfg = resolve_config(opts, out)
     _check_fingerprint(out, cfg, sizes, opts.task_seed)
     methods = [method_named(n) for n in _names(opts.methods, QUICK_METHODS if opts.quick
@@ -201,7 +222,9 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
     best_steps = sorted({max(1, n_total // 2), n_total, n_total * 3 // 2, 2 * n_total})
     two = [m for m in methods if m.kind == "two"]
     single = [m for m in methods if m.kind in ("pipeline", "spin")]
-    rankers = _pick(opts.rankers, RANK_SPECS, tuple(RANK_SPECS), "ranker")
+    rankers = _pick(opts.rankers, RANK_SPECS, tuple(r for r in RANK_SPECS if r not in
+                                                    NEEDS_REWARDS or cfg.ranker.reward_funcs),
+                    "ranker")
     for m in two + single:  # a method trains on its ranker's scores, so that ranker must run
         if m.ranker and m.ranker_spec(cfg.ranker.mode) not in rankers:
             rankers.append(m.ranker_spec(cfg.ranker.mode))
@@ -283,6 +306,10 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
                 if m.kind == "none":
                     method_runs[m.name].append({"seed": seed, **strip(before)})
                     continue
+                if m.kind == "teacher":  # its answers do not depend on the seed
+                    method_runs[m.name].append({"seed": seed, **strip(teacher_eval(
+                        cfg, heldout, sizes, out, bench, stages))})
+                    continue
                 ctx = MethodContext(backend, scfg, seed, out, sets, anchors, prompts, heldout,
                                      validation, sizes, stages, path_root, n_sft, n_pu, n_total,
                                      best_steps, bench, engine)
@@ -291,7 +318,9 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
 
         results = build_results(
             opts=asdict(opts), sizes=sizes, cfg=config_to_dict(cfg), threads=threads,
-            suite={"families": sorted(FAMILIES), "train_prompts": len(train_tasks),
+            suite={"name": opts.suite, "families": sorted(families),
+                   "anchors": anchor_quality(train_tasks, anchors),
+                   "train_prompts": len(train_tasks),
                    "validation_prompts": len(validation), "heldout_prompts": len(heldout),
                    "task_seed": opts.task_seed,
                    "budget": {"steps": n_total, "sft_steps": n_sft, "pu_steps": n_pu,
@@ -354,12 +383,22 @@ def _anchors(cfg: RunConfig, prompts: list[Prompt], run_dir: Path) -> dict[str, 
     return anchors
 
 
+def anchor_quality(tasks: list[Any], anchors: dict[str, str]) -> dict[str, Any]:
+    """How often the teacher's anchor passes its own prompt's checker (all constraints kept)."""
+    got = [check(t, anchors[t.id].strip()) for t in tasks if t.id in anchors]
+    ok = sum(q >= 1 - 1e-9 for q in got)
+    return {"anchored": len(got), "passed": ok, "share": ok / max(1, len(got)),
+            "mean_quality": sum(got) / max(1, len(got))}
+
+
 def teacher_calls(out: Path, prompt_ids: list[str]) -> dict[str, Any]:
     """Teacher requests per training prompt, summed over every teacher_ledger.jsonl in `out`."""
     from collections import Counter
 
     counts: Counter[str] = Counter()
-    ledgers = sorted(out.rglob("teacher_ledger.jsonl"))
+    from .runners import TEACHER_ROW  # the teacher row's answers are not anchors
+
+    ledgers = sorted(p for p in out.rglob("teacher_ledger.jsonl") if TEACHER_ROW not in p.parts)
     for ledger in ledgers:
         counts.update(str(r.get("id")) for r in read_jsonl(ledger))
     per = [counts.get(pid, 0) for pid in prompt_ids]

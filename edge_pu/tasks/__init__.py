@@ -13,6 +13,7 @@ and held-out). Example:
 from edge_pu.tasks.families import Family, Task
 from edge_pu.tasks.suite import (
     FAMILIES,
+    KNOWN,
     PASS_THRESHOLD,
     OracleIndex,
     check,
@@ -26,6 +27,7 @@ from edge_pu.tasks.suite import (
 
 __all__ = [
     "FAMILIES",
+    "KNOWN",
     "PASS_THRESHOLD",
     "Family",
     "OracleIndex",

@@ -23,8 +23,12 @@ from typing import Any
 
 from edge_pu.tasks.families import TEXT_FAMILIES, Family, Task
 from edge_pu.tasks.structured import STRUCTURED_FAMILIES
+from edge_pu.tasks.workload import WORKLOAD_FAMILIES
 
+# The built-in suite (the default of generate_tasks); KNOWN adds the instruction-following
+# workload (edge_pu.tasks.workload), asked for by name: generate_tasks(n, families=WORKLOAD).
 FAMILIES: dict[str, Family] = {f.name: f for f in (*TEXT_FAMILIES, *STRUCTURED_FAMILIES)}
+KNOWN: dict[str, Family] = {**FAMILIES, **{f.name: f for f in WORKLOAD_FAMILIES}}
 PASS_THRESHOLD = 1.0 - 1e-9
 _MAX_REDRAWS = 200  # redraws of a duplicate prompt before a family counts as exhausted
 
@@ -52,16 +56,16 @@ def generate_tasks(n: int, *, seed: int = 0, families: Sequence[str] | None = No
     """n tasks, round-robin over `families` (default: all, in FAMILIES order); same seed, same
     tasks. Task i belongs to family i % len(families)."""
     names = list(FAMILIES) if families is None else list(families)
-    unknown = [name for name in names if name not in FAMILIES]
+    unknown = [name for name in names if name not in KNOWN]
     if unknown or not names or len(set(names)) != len(names):
         raise ValueError(
-            f"families={names!r}: give distinct names from {sorted(FAMILIES)}"
+            f"families={names!r}: give distinct names from {sorted(KNOWN)}"
             + (f" (unknown: {unknown})" if unknown else "")
         )
     if n < 0:
         raise ValueError(f"n={n}: the number of tasks must be >= 0")
     per_family = [
-        _family_tasks(FAMILIES[name], n // len(names) + (i < n % len(names)), seed)
+        _family_tasks(KNOWN[name], n // len(names) + (i < n % len(names)), seed)
         for i, name in enumerate(names)
     ]
     return [per_family[i % len(names)][i // len(names)] for i in range(n)]
@@ -69,9 +73,9 @@ def generate_tasks(n: int, *, seed: int = 0, families: Sequence[str] | None = No
 
 def check(task: Task, response: str) -> float:
     """Quality of `response` for `task` in [0, 1], from the family's checker."""
-    family = FAMILIES.get(task.family)
+    family = KNOWN.get(task.family)
     if family is None:
-        known = sorted(FAMILIES)
+        known = sorted(KNOWN)
         raise KeyError(f"task {task.id!r}: unknown family {task.family!r}; known: {known}")
     quality = float(family.check(task.spec, response))
     if not 0.0 <= quality <= 1.0:
@@ -157,9 +161,9 @@ def from_jsonl_row(row: Mapping[str, Any]) -> Task:
     for name in ("id", "prompt", "family", "answer"):
         if not isinstance(row.get(name), str):
             raise ValueError(f"prompts row {row.get('id', '?')!r}: field {name!r} must be a string")
-    if row["family"] not in FAMILIES:
+    if row["family"] not in KNOWN:
         raise ValueError(f"prompts row {row['id']!r}: unknown family {row['family']!r}; "
-                         f"known: {sorted(FAMILIES)}")
+                         f"known: {sorted(KNOWN)}")
     if not isinstance(row.get("spec"), Mapping):
         raise ValueError(f"prompts row {row['id']!r}: field 'spec' must be an object")
     return Task(row["id"], row["family"], row["prompt"], row["answer"], dict(row["spec"]))
