@@ -113,6 +113,13 @@ class SftConfig:
     micro_batch: int = 2  # rows per forward pass; anchors are up to teacher.max_tokens long
     lr: float = 5e-4
     warmup_steps: int = 2
+    # Early stopping on held-back anchors (label-free: the teacher's own answers): every
+    # eval_every steps the mean token NLL of val_fraction of the anchors (never trained on);
+    # stop after `patience` evaluations without a new best and keep the best adapter.
+    early_stop: bool = False
+    val_fraction: float = 0.1
+    eval_every: int = 4
+    patience: int = 2
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("sampling.k", "sampling.max_new_tokens", "sampling.prompt_batch", "train.batch_size",
             "train.micro_batch", "train.rounds", "lora.r", "student.max_length",
-            "ranker.batch_size", "sft.batch_size", "sft.micro_batch")
+            "ranker.batch_size", "sft.batch_size", "sft.micro_batch", "sft.eval_every",
+            "sft.patience")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -484,6 +492,9 @@ def validate(cfg: RunConfig) -> None:
         raise EdgePuError("config: train.tau must be > 0.")
     if cfg.sft.micro_batch > cfg.sft.batch_size:
         raise EdgePuError("config: sft.micro_batch must not exceed sft.batch_size.")
+    if cfg.sft.early_stop and not 0 < cfg.sft.val_fraction < 1:
+        raise EdgePuError("config: sft.val_fraction must be between 0 and 1 (the share of "
+                          f"anchors held back), got {cfg.sft.val_fraction}.")
     for key in ("train.dist_beta", "sft.lr", "train.lr"):
         if _get(cfg, key) <= 0:
             raise EdgePuError(f"config: {key} must be > 0, got {_get(cfg, key)}.")

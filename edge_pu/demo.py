@@ -167,6 +167,7 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
             desc="after SFT")) if cfg.sft.enabled else None
         answers = greedy_answers(greedy, heldout, adapter=True,
                                  max_new_tokens=EVAL_MAX_NEW_TOKENS, desc="after")
+        preview = workload_preview(greedy)
     finally:
         if engine is not None:
             engine.close()
@@ -179,7 +180,8 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
               "rounds": result.rounds, "seconds": round(seconds, 1), "preset": preset,
               "teacher": teacher_report,
               "heldout_answers_after": [{"id": t.id, "answer": a}
-                                        for t, a in zip(heldout, answers, strict=True)]}
+                                        for t, a in zip(heldout, answers, strict=True)],
+              "workload_preview": preview}
     if export:
         # The trained adapter must survive deployment: the gate compares each artifact with the
         # merged model on the held-out prompts, greedy for as many tokens as the evaluation.
@@ -213,10 +215,49 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
         print(f"teacher {teacher_report['model']}: {share['passed']} of {share['anchored']} "
               f"anchors pass the task checker ({share['share']:.0%}); anchors took "
               f"{teacher_report['seconds']:.0f}s")
+    print_preview(preview)
     print(f"teacher calls: {len(train_tasks)} prompts, "
           f"{sum(1 for _ in open(out / 'anchors.jsonl'))} anchors; total time {seconds:.0f}s; "
           f"report: {out / 'demo_report.json'}")
     return report
+
+
+PREVIEW_PROMPTS, PREVIEW_TOKENS = 3, 48
+
+
+def workload_preview(greedy: Any) -> list[dict[str, Any]]:
+    """A few prompts of the instruction-following workload (edge_pu.tasks.workload; the demo
+    does not train on them), answered before and after training, with the constraints each
+    answer keeps: how the trained adapter carries over to constraints it never saw."""
+    from .tasks.constraints import follows
+    from .tasks.workload import WORKLOAD
+
+    tasks = generate_tasks(PREVIEW_PROMPTS, seed=7, families=WORKLOAD)
+    before = greedy_answers(greedy, tasks, adapter=False, max_new_tokens=PREVIEW_TOKENS,
+                            desc="workload before")
+    after = greedy_answers(greedy, tasks, adapter=True, max_new_tokens=PREVIEW_TOKENS,
+                           desc="workload after")
+    return [{"id": t.id, "prompt": t.prompt, "constraints": t.spec["constraints"],
+             "before": b, "after": a,
+             "kept_before": [follows(c, b) for c in t.spec["constraints"]],
+             "kept_after": [follows(c, a) for c in t.spec["constraints"]]}
+            for t, b, a in zip(tasks, before, after, strict=True)]
+
+
+def print_preview(preview: list[dict[str, Any]]) -> None:
+    if not preview:
+        return
+    kept = [sum(p[k]) for p in preview for k in ("kept_before", "kept_after")]
+    total = sum(len(p["constraints"]) for p in preview)
+    print(f"\nThe instruction-following workload (not trained on; {PREVIEW_TOKENS}-token "
+          f"answers): constraints kept before {sum(kept[0::2])}/{total}, after "
+          f"{sum(kept[1::2])}/{total}")
+    for p in preview:
+        print(f"  {p['prompt']}")
+        for k in ("before", "after"):
+            text = " ".join(p[k].split())
+            print(f"    {k:<6} [{sum(p['kept_' + k])}/{len(p['constraints'])} kept] "
+                  f"{text[:110]}{'...' if len(text) > 110 else ''}")
 
 
 def anchor_with_served_teacher(cfg: RunConfig, gguf: Path, train_tasks: list[Task], out: Path,

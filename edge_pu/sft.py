@@ -131,8 +131,13 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
         bar.set_postfix(loss=f"{m['loss']:.4f}")
         bar.update(1)
 
-    train_sft(backend, prompt_ids, completions, tcfg, rows_per_step=tcfg.batch_size,
-              micro_rows=tcfg.micro_batch, on_step=on_step)
+    early: dict[str, Any] = {}
+    if cfg.sft.early_stop:
+        early = _train_early_stopped(backend, cfg, prompt_ids, completions, tcfg, on_step,
+                                     state.with_name("sft.best"))
+    else:
+        train_sft(backend, prompt_ids, completions, tcfg, rows_per_step=tcfg.batch_size,
+                  micro_rows=tcfg.micro_batch, on_step=on_step)
     bar.close()
     if main:
         tmp = state.with_name("sft.tmp")
@@ -143,9 +148,74 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
         tmp.rename(state)
     backend.set_reference()
     backend.reset_optimizer(cfg.train)
-    diag = {"stage": "sft", "steps": tcfg.steps, "anchors": len(completions),
-            "loss_first": losses[0], "loss_last": losses[-1]}
+    diag = {"stage": "sft", "steps": early.get("best_step", tcfg.steps),
+            "anchors": len(completions), "loss_first": losses[0], "loss_last": losses[-1],
+            **({"early_stop": early} if early else {})}
     if main:
         append_jsonl(mpath, [{"event": "sft_end", **diag}])
     print(f"[sft] done: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     return diag
+
+
+def held_back(ids: Sequence[str], fraction: float) -> set[str]:
+    """The anchors early stopping holds back: round(fraction x n) ids (at least 1, never all)
+    with the smallest sha256 of the id, so the split is the id's, not the file order's."""
+    import hashlib
+
+    n = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    return set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:n])
+
+
+def anchor_nll(backend: Any, prompt_ids: dict[str, list[int]], completions: dict[str, list[int]],
+               ids: Sequence[str], batch: int = 4) -> float:
+    """Mean token NLL of the anchors `ids` under the current policy."""
+    total, count = 0.0, 0
+    ids = sorted(ids)
+    for s in range(0, len(ids), batch):
+        chunk = ids[s: s + batch]
+        for lp in backend.logprobs([prompt_ids[i] for i in chunk],
+                                   [completions[i] for i in chunk], adapter=True):
+            total -= sum(lp)
+            count += len(lp)
+    return total / max(1, count)
+
+
+def _train_early_stopped(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
+                         completions: dict[str, list[int]], tcfg: TrainConfig,
+                         on_step: Callable[[dict], None], best_dir: Path) -> dict[str, Any]:
+    """SFT up to tcfg.steps on the anchors not held back, evaluated every sft.eval_every steps
+    on those held back; stops after sft.patience evaluations without a new best and leaves the
+    backend with the best adapter (step 0 counts: if training only hurts, the start wins)."""
+    s = cfg.sft
+    if dist.world().size > 1:
+        from .errors import EdgePuError
+
+        raise EdgePuError("sft.early_stop runs in one process for now; in a torchrun job set "
+                          "sft.early_stop: false (or sft.steps to the step it chose).")
+    val = held_back(sorted(completions), s.val_fraction)
+    train = {p: c for p, c in completions.items() if p not in val}
+    curve = {0: anchor_nll(backend, prompt_ids, completions, list(val), s.micro_batch)}
+    best, done, since = 0, 0, 0
+    shutil.rmtree(best_dir, ignore_errors=True)
+    backend.save_adapter(best_dir / "adapter")
+    while done < tcfg.steps and since < s.patience:
+        stop = min(tcfg.steps, done + s.eval_every)
+        train_sft(backend, prompt_ids, train, tcfg, rows_per_step=tcfg.batch_size,
+                  micro_rows=tcfg.micro_batch, on_step=on_step, start_step=done,
+                  stop_step=stop)
+        done = stop
+        curve[done] = anchor_nll(backend, prompt_ids, completions, list(val), s.micro_batch)
+        print(f"[sft] step {done}: held-back anchor NLL {curve[done]:.4f}", flush=True)
+        if curve[done] < curve[best] - 1e-6:
+            best, since = done, 0
+            shutil.rmtree(best_dir, ignore_errors=True)
+            backend.save_adapter(best_dir / "adapter")
+        else:
+            since += 1
+    if best != done:
+        backend.load_adapter(best_dir / "adapter")
+    shutil.rmtree(best_dir, ignore_errors=True)
+    print(f"[sft] early stopping: best at step {best} of {done} (held-back NLL "
+          f"{curve[best]:.4f}, {len(val)} anchors held back)", flush=True)
+    return {"val_prompts": len(val), "val_nll_by_step": {str(k): v for k, v in curve.items()},
+            "best_step": best, "stopped_at": done}

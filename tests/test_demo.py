@@ -34,6 +34,14 @@ def test_demo_runs_on_a_tiny_student(algorithm: str, tiny_llama_dir: Path, tmp_p
     assert [m["step"] for m in steps if "step" in m and m.get("stage") != "sft"] == [1, 2]
     page = (run_dir / "report.html").read_text()  # written at the end (edge_pu.report)
     assert "after PU" in page and "PU round" in page
+    # The workload preview: its prompts answered before and after, each constraint checked.
+    from edge_pu.tasks.constraints import follows
+
+    preview = report["workload_preview"]
+    assert len(preview) == 3 and all(p["id"].startswith("if_") for p in preview)
+    for p in preview:
+        for side in ("before", "after"):
+            assert p[f"kept_{side}"] == [follows(c, p[side]) for c in p["constraints"]]
 
 
 def test_demo_refuses_a_run_dir_of_other_settings_until_restart(tiny_llama_dir: Path,
