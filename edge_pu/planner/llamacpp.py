@@ -10,7 +10,10 @@ against this plan: sample +1%, rank and reference -2% (-6% to -2% at K = 2, T = 
 plan without this term was 20-25% under.
 
 Under `ranker.engine: llama-cpp` the rankers' scoring passes run in this same model, so the rank
-stage adds nothing on top of this term (edge_pu.planner.stage_bytes).
+stage adds nothing on top of this term (edge_pu.planner.stage_bytes). FIXME: not measured, and a
+scoring call may grow two things this term sizes for sampling: the context (re-laid for the
+call's rows and cells) and the output buffer, 4*V per position whose logits are read (up to
+ranker.batch_size x C, or x the anchor's length for recall, where sampling reads K per prompt).
 """
 
 from __future__ import annotations

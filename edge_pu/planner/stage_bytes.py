@@ -73,7 +73,11 @@ def stages(cfg: RunConfig, s: ModelShape, st: Settings) -> list[Stage]:
     scoring = (w, lora, *cpp, ("final hidden states", R * T * h * e))
     layer = R * T * ((3 * h + 3 * i) * e + T * e)  # one layer's working set, mask included
     chunk = logit_rows(s, R * C) * s.vocab * (8 + (0 if e == 4 else 2))
-    if cfg.ranker.mode == "judge":
+    if cfg.ranker.engine == "llama-cpp" and cfg.ranker.mode in ("judge", "likelihood",
+                                                                "recall"):
+        # the scoring passes run in the sampler's llama.cpp model, counted in `cpp` already
+        out.append(Stage("rank", (w, lora, *cpp)))
+    elif cfg.ranker.mode == "judge":
         out.append(Stage("rank", (*scoring, ("max(layer, next-token logits)",
                                              max(layer, R * s.vocab * 8)))))
     elif cfg.ranker.mode == "likelihood":
