@@ -37,7 +37,7 @@ from ..config import RunConfig
 from ..model_shape import ModelShape
 
 MIB, GIB = 2**20, 2**30
-LOGIT_CHUNK_BYTES = 64 * MIB  # = edge_pu.backends.torch_backend.LOGIT_CHUNK_BYTES (a test checks)
+LOGIT_CHUNK_BYTES = 64 * MIB  # = edge_pu.backends.torch_logprobs.LOGIT_CHUNK_BYTES (a test checks)
 LOGIT_COPIES = 4  # logits, exp() inside logsumexp, its gradient, the gather's scattered gradient
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 MLX_AFFINE4_BYTES = 0.5 + 4 / 64
@@ -89,7 +89,7 @@ def shared_prefix_activations(s: ModelShape, targets: tuple[str, ...], r: int, e
                               units: int, rows: int, P: int, C: int) -> int:
     """Bytes a training forward without checkpointing saves for backward when `units`
     prompts of P tokens are run once and their `rows` completions of C tokens attend to the
-    gathered cache (edge_pu.backends.torch_backend `_shared_prefix_logp`): the prompt tokens
+    gathered cache (edge_pu.backends.torch_logprobs `_shared_prefix_logp`): the prompt tokens
     with a P-wide mask, the completion tokens with a (P+C)-wide one, each row's copy of its
     prompt's keys and values that attention keeps (at the query heads' width once a mask is
     passed), and the final norm's fp32 input plus the completion hidden states."""
