@@ -69,7 +69,7 @@ def model_dir(name: str) -> Path:
 
 
 def random_qwen_dir(name: str) -> Path:
-    from edge_pu.quant.student import cache_root
+    from edge_pu.quant.cache import cache_root
 
     out = cache_root() / "bench" / f"{name}-random"
     if (out / "config.json").exists():

@@ -157,7 +157,7 @@ def main() -> None:
 
 def tiny_dir() -> Path:
     """A tiny random Llama for checking this script on a CPU (tests/tiny.py builds it)."""
-    from edge_pu.quant.student import cache_root
+    from edge_pu.quant.cache import cache_root
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import save_tiny_model

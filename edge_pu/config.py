@@ -24,6 +24,9 @@ import yaml
 
 from .errors import EdgePuError
 
+if typing.TYPE_CHECKING:
+    from .devices import DeviceProfile
+
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -435,6 +438,17 @@ def _resolve_model_names(cfg: RunConfig) -> RunConfig:
                                teacher=dataclasses.replace(cfg.teacher, path=teacher))
 
 
+def profile_defaults(profile: DeviceProfile) -> dict[str, Any]:
+    """A device profile's config layer, refused (naming its file) where its `[defaults]` hold an
+    unknown key or break the profile's own limits."""
+    defaults = profile.config_defaults()
+    bad = profile.problems(build_config([(f"{profile.source} [defaults]", defaults)]))
+    if bad:
+        raise EdgePuError(f"{profile.source}: its own [defaults] break its rules: "
+                          f"{'; '.join(bad)}.")
+    return defaults
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -446,7 +460,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     if device:
         from .devices import load_profile
 
-        layers.append((f"device profile '{device}'", load_profile(str(device)).config_defaults()))
+        layers.append((f"device profile '{device}'", profile_defaults(load_profile(str(device)))))
     if path:
         layers.append((str(path), file_data))
     if overrides:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import EdgePuError
-from .quant.student import cache_root
+from .quant.cache import cache_root
 
 CHUNK = 1 << 20
 

@@ -79,13 +79,13 @@ def test_chunked_logprobs_match_full_log_softmax(tiny_llama_dir: Path, monkeypat
     (the prompt once, its KV cache gathered), mixed in one call."""
     import torch
 
-    from edge_pu.backends import torch_backend
+    from edge_pu.backends import torch_backend, torch_logprobs
 
     cfg = load_config(None, base={"student": {"path": str(tiny_llama_dir)}, "backend": "cpu"})
     backend = torch_backend.CPUBackend()
     backend.load(cfg)
     # A chunk of 3 rows forces several chunks even for these short completions.
-    monkeypatch.setattr(torch_backend, "LOGIT_CHUNK_BYTES", 3 * 4 * backend.tok.vocab_size)
+    monkeypatch.setattr(torch_logprobs, "LOGIT_CHUNK_BYTES", 3 * 4 * backend.tok.vocab_size)
     prompts = [[5, 6, 7], [8, 9], [1, 2, 3, 4], [1, 2, 3, 4]]
     comps = [[10, 11, 12, 13], [14], [15, 16], [17]]
     got = backend.logprobs(prompts, comps)
@@ -146,7 +146,7 @@ def test_torch_draw_keeps_the_top_p_head_and_inverts_its_cdf_by_hand() -> None:
     order over the kept ones: token 1 up to .5, token 3 up to .8; u scales to u x .8."""
     import torch
 
-    from edge_pu.backends.torch_backend import _draw
+    from edge_pu.backends.torch_sampling import _draw
 
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]] * 4))
     gens = [torch.Generator().manual_seed(s) for s in range(4)]

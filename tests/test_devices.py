@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_pu.config import load_config
+from edge_pu.config import load_config, profile_defaults
 from edge_pu.devices import list_profiles, load_profile, match_profile
 from edge_pu.devices.profile import HostFacts, parse_profile
 from edge_pu.errors import EdgePuError
@@ -37,6 +37,7 @@ def test_every_required_profile_ships_and_validates() -> None:
         assert 0 < p.memory_budget_gib <= 80
         assert p.preferred_backend in p.backends
         assert "none" in p.quant_formats
+        profile_defaults(p)  # its [defaults] are config keys that obey its own limits
     assert profiles["rtx-4060-8gb"].config_defaults()["student"]["quant"] == "nf4"
     assert profiles["apple-m-8gb"].config_defaults()["backend"] == "mlx"
 
@@ -77,7 +78,7 @@ def test_malformed_profile_names_file_and_field(tmp_path: Path, change: tuple[st
     assert change[0] in text
     path.write_text(text.replace(change[0], change[1]))
     with pytest.raises(EdgePuError) as err:
-        parse_profile(path)
+        profile_defaults(parse_profile(path))  # the file's fields, then its [defaults]' keys
     assert str(path) in str(err.value) and field in str(err.value)
 
 
@@ -88,9 +89,13 @@ def test_name_must_match_file_and_defaults_must_obey_own_limits(tmp_path: Path) 
         parse_profile(path)
     path.write_text(GOOD.format(name="toy").replace("max_k = 8", "max_k = 2"))
     with pytest.raises(EdgePuError, match="sampling.k = 4 exceeds"):
-        parse_profile(path)  # the default sampling.k (4) breaks the profile's own max_k
+        # the default sampling.k (4) breaks the profile's own max_k; the config layer checks
+        # that, since the profile parser never imports the config
+        profile_defaults(parse_profile(path))
     path.write_text(GOOD.format(name="toy"))
     assert parse_profile(path).limits.max_k == 8
+    assert profile_defaults(parse_profile(path)) == {"backend": "cpu",
+                                                    "train": {"micro_batch": 1}}
 
 
 def test_check_refuses_configs_past_the_limits() -> None:

@@ -184,6 +184,34 @@ def test_llama_cpp_sampler_is_planned_from_sampling_on_by_hand() -> None:
     assert all(part not in parts for parts in torch_only.values())
 
 
+def test_rank_stage_follows_the_ranker_engine_by_hand() -> None:
+    """Qwen2.5-0.5B shape as an HF folder, float32, T = 160, C = 40, K = 4, recall, scoring batch
+    8, both engines llama.cpp. The rank stage is what torch holds (weights 494,032,768 x 4 B =
+    1,976,131,072; LoRA 8,798,208 x 16 B = 140,771,328) plus the sampler (its f32 copy
+    1,976,131,072 + KV 55,050,240 + buffers 330,612,736 + LoRA 35,192,832 = 2,396,986,880), in
+    whose model the scoring runs: nothing of torch's scoring. With ranker.engine: backend torch
+    scores, adding its final hidden states 8 x 160 x 896 x 4 = 4,587,520 and max(one layer
+    8 x 160 x ((3 x 896 + 3 x 4864) x 4 + 160 x 4) = 89,292,800, a logits chunk of
+    min(8 x 65, 64 MiB / (4 x 151,936)) = 110 rows x 151,936 x 8 = 133,703,680). The reference
+    pass is torch's under either engine (training's log-probs must be what the loss
+    recomputes)."""
+    s = ModelShape.from_config(QWEN05)
+    st = Settings(160, 2, False, 8, 4)
+
+    def by_name(engine: str) -> dict[str, dict[str, int]]:
+        cfg = cfg_of(student={"max_length": 160}, ranker={"engine": engine},
+                     sampling={"k": 4, "max_new_tokens": 40, "engine": "llama-cpp"})
+        return {x.name: dict(x.parts) for x in stages(cfg, s, st)}
+
+    cpp, torch_scores = by_name("llama-cpp"), by_name("backend")
+    fixed = {"weights": 1_976_131_072, "LoRA params+grads+AdamW": 140_771_328,
+             "llama.cpp sampler (GGUF, LoRA, KV)": 2_396_986_880}
+    assert cpp["rank"] == fixed
+    assert torch_scores["rank"] == {**fixed, "final hidden states": 4_587_520,
+                                    "max(layer, logits chunk)": 133_703_680}
+    assert cpp["reference"] == torch_scores["reference"] == torch_scores["rank"]
+
+
 def test_check_fits_reads_only_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(QWEN05))  # no weights at all
     cfg = cfg_of(device="laptop-cpu-8gb", student={"path": str(tmp_path), "max_length": 1024},

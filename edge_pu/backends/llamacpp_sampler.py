@@ -85,7 +85,7 @@ def student_gguf(student_path: str, student_dir: Path) -> Path:
     if src.is_file() and src.suffix == ".gguf":
         return src
     from ..export.gguf_writer import write_gguf
-    from ..quant.student import cache_root, weights_tag
+    from ..quant.cache import cache_root, weights_tag
 
     out = cache_root() / "gguf" / f"{student_dir.name}-{weights_tag(student_dir)}-f32.gguf"
     if not out.exists():

@@ -15,6 +15,9 @@ linear warmup. Losses run in MLX (`mlx_losses.py`); an injected loss with no MLX
 torch on the per-token log-probs, and its gradient comes back through a second forward pass.
 `save_adapter` writes a PEFT adapter that `peft.PeftModel.from_pretrained` loads; `merge`
 writes a dense HF dir: the dequantized base plus the LoRA delta, i.e. exactly the trained policy.
+
+This file holds loading, the adapter (policy / reference), training and persistence; sampling
+is `mlx_sampling.py` and the log-prob passes `mlx_logprobs.py`, mixed into `MLXBackend`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..config import RunConfig, SamplingConfig
+from ..config import RunConfig
 from ..errors import EdgePuError
-from .base import GRAD_CHECKPOINTING, MLX_AFFINE, SHARED_PREFILL, Sample, TrainBatch
+from .base import GRAD_CHECKPOINTING, MLX_AFFINE, SHARED_PREFILL, TrainBatch
+from .mlx_logprobs import MLXLogprobs
 from .mlx_lora import (
     add_lora,
     dense_weights,
@@ -45,8 +49,8 @@ from .mlx_lora import (
     save_peft,
 )
 from .mlx_losses import MLXLossInputs, mlx_loss_for
+from .mlx_sampling import MLXSampling
 
-LOGIT_CHUNK_BYTES = 64 * 2**20  # peak size of one chunk of fp32 logits, as in the torch backend
 # Affine 4-bit with mlx-lm's default group size; a layer whose in-dim 64 does not divide stays
 # in the compute dtype (reported at load). The tiny test models use multiples of 64 throughout.
 GROUP_SIZE = 64
@@ -54,7 +58,7 @@ BITS = 4
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
-class MLXBackend:
+class MLXBackend(MLXSampling, MLXLogprobs):
     name = "mlx"
 
     def __init__(self) -> None:
@@ -214,113 +218,6 @@ class MLXBackend:
         self.cfg = dataclasses.replace(self.cfg, train=train)
         self.optimizer = None
         self.step = 0
-
-    # ---- sampling --------------------------------------------------------------------------
-    def sample(self, prompt_ids: Sequence[list[int]], k: int, cfg: SamplingConfig,
-               seeds: Sequence[int], *, adapter: bool = True) -> list[list[Sample]]:
-        with self._adapter(adapter):
-            return [self._sample_one(ids, k, cfg, seed)
-                    for ids, seed in zip(prompt_ids, seeds, strict=True)]
-
-    def _last_logits(self, ids: mx.array, cache: list[Any]) -> mx.array:
-        if self._split:
-            return self._head(self.model.model(ids, cache=cache)[:, -1]).astype(mx.float32)
-        return self.model(ids, cache=cache)[:, -1].astype(mx.float32)
-
-    def _sample_one(self, ids: list[int], k: int, cfg: SamplingConfig, seed: int
-                    ) -> list[Sample]:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-        key = mx.random.key(seed)
-        cache = make_prompt_cache(self.model)
-        if all(type(c) is KVCache for c in cache):
-            logits = self._last_logits(mx.array([ids]), cache)
-            for c in cache:  # one prefill shared by the K candidates
-                c.keys, c.values = mx.repeat(c.keys, k, axis=0), mx.repeat(c.values, k, axis=0)
-            logits = mx.repeat(logits, k, axis=0)
-        else:  # FIXME: rotating/hybrid caches are prefilled K times rather than shared
-            logits = self._last_logits(mx.array([ids] * k), cache)
-        eos = np.array(self.eos_ids)
-        done = np.zeros(k, dtype=bool)
-        steps: list[np.ndarray] = []
-        for step in range(cfg.max_new_tokens):
-            key, sub = mx.random.split(key)
-            nxt = np.array(_draw(logits, cfg.temperature, cfg.top_p, sub)).astype(np.int64)
-            nxt = np.where(done, self.pad_id, nxt)
-            steps.append(nxt)
-            done |= np.isin(nxt, eos)
-            if done.all() or step == cfg.max_new_tokens - 1:
-                break
-            logits = self._last_logits(mx.array(nxt[:, None].astype(np.int32)), cache)
-        tokens = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(k)]
-        samples = []
-        for row in tokens:
-            end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            keep = row if end is None else row[: end + 1]
-            samples.append(Sample(keep, self.decode(keep), end is not None))
-        return samples
-
-    # ---- log-probs -------------------------------------------------------------------------
-    def _token_logp(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-                    *, train: bool = False) -> tuple[mx.array, mx.array]:
-        """[B, T] log-prob of each completion token (differentiable) and its float mask."""
-        seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        width = max(len(s) for s in seqs)
-        t = max(1, max(len(c) for c in completion_ids))
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int32)
-        pos = np.zeros((len(seqs), t), dtype=np.int32)  # hidden state that predicts each token
-        mask = np.zeros((len(seqs), t), dtype=np.float32)
-        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-            ids[i, : len(p) + len(c)] = p + c
-            pos[i, : len(c)] = np.arange(len(p) - 1, len(p) + len(c) - 1)
-            mask[i, : len(c)] = 1.0
-        targets = mx.array(np.take_along_axis(ids, pos + 1, axis=1))
-        # Right padding with a causal mask: no real token ever attends to a pad.
-        x = mx.array(ids)
-        if not self._split:
-            logits = self.model(x).astype(mx.float32)
-            h = mx.take_along_axis(logits, mx.array(pos)[..., None], axis=1)
-            return _gather_logp(h, targets) * mx.array(mask), mx.array(mask)
-        hidden = self.model.model(x)
-        h = mx.take_along_axis(hidden, mx.array(pos)[..., None], axis=1)  # [B, T, H]
-        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        vocab = self._head(flat_h[:1]).shape[-1]
-        chunk = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
-        head_fn = _chunk_fn(self) if train else None
-        parts = []
-        for s in range(0, flat_h.shape[0], chunk):
-            hc, tc = flat_h[s: s + chunk], flat_t[s: s + chunk]
-            if head_fn is not None:
-                parts.append(head_fn(self.model.trainable_parameters(), hc, tc))
-            else:
-                parts.append(_gather_logp(self._head(hc).astype(mx.float32), tc))
-        lp = mx.concatenate(parts).reshape(len(seqs), t)
-        return lp * mx.array(mask), mx.array(mask)
-
-    def logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
-                 adapter: bool = True) -> list[list[float]]:
-        with self._adapter(adapter):
-            lp, _ = self._token_logp(prompt_ids, completion_ids)
-            rows = np.array(lp).tolist()
-        return [rows[i][: len(c)] for i, c in enumerate(completion_ids)]
-
-    def next_token_logprobs(self, prompt_ids: Sequence[list[int]], candidates: Sequence[int], *,
-                            adapter: bool = True) -> list[list[float]]:
-        width = max(len(p) for p in prompt_ids)
-        ids = np.full((len(prompt_ids), width), self.pad_id, dtype=np.int32)
-        for i, p in enumerate(prompt_ids):  # right padding; each row is read at its own end
-            ids[i, : len(p)] = p
-        last = mx.array([len(p) - 1 for p in prompt_ids])[:, None, None]
-        with self._adapter(adapter):
-            if self._split:
-                h = mx.take_along_axis(self.model.model(mx.array(ids)), last, axis=1)[:, 0]
-                logits = self._head(h).astype(mx.float32)
-            else:
-                logits = mx.take_along_axis(self.model(mx.array(ids)), last, axis=1)[:, 0]
-            logits = logits.astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            out = np.array(logp[:, mx.array(list(candidates))])
-        return out.tolist()
 
     # ---- training --------------------------------------------------------------------------
     def _ensure_optimizer(self) -> None:
@@ -553,24 +450,6 @@ def _checkpointed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
 
-def _gather_logp(logits: mx.array, targets: mx.array) -> mx.array:
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
-
-
-def _chunk_fn(backend: MLXBackend) -> Callable[..., mx.array]:
-    """Head + log-softmax of one chunk, recomputed in the backward pass (mlx-lm's pattern:
-    the trainable parameters go in as an argument so their gradient flows through)."""
-    model = backend.model
-
-    def inner(params: Any, h: mx.array, t: mx.array) -> mx.array:
-        model.update(params)
-        # t is integer token ids: no gradient, and checkpoint would otherwise ask for one.
-        return _gather_logp(backend._head(h).astype(mx.float32), mx.stop_gradient(t))
-
-    return mx.checkpoint(inner)
-
-
 def _pad(rows: Sequence[Sequence[float]] | None, width: int) -> np.ndarray:
     out = np.zeros((len(rows or []), width), dtype=np.float32)
     for i, r in enumerate(rows or []):
@@ -587,15 +466,3 @@ def _load_safetensors(model_dir: Path) -> dict[str, mx.array]:
     for f in files:
         weights.update(load_arrays(f))
     return weights
-
-
-def _draw(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
-    if temperature <= 0:
-        return mx.argmax(logits, axis=-1)
-    probs = mx.softmax(logits / temperature, axis=-1)
-    if top_p < 1.0:
-        idx = mx.argsort(-probs, axis=-1)
-        sorted_p = mx.take_along_axis(probs, idx, axis=-1)
-        keep = (mx.cumsum(sorted_p, axis=-1) - sorted_p) < top_p
-        probs = mx.put_along_axis(mx.zeros_like(probs), idx, sorted_p * keep, axis=-1)
-    return mx.random.categorical(mx.log(probs), key=key)

@@ -17,7 +17,10 @@ File format (`edge_pu/devices/profiles/<name>.toml`, the file stem is the name):
     [detect]                         # how detect_profile() recognises the machine
     system = ["Linux"]; machine = ["x86_64"]; ram_gb = 8; gpu_name = "RTX 4060"; tegra = false
 
-Every field is checked on load; an error names the file and the field.
+Every field is checked on load; an error names the file and the field. Whether `[defaults]`
+are valid config keys that obey the profile's own limits is the config layer's check
+(`edge_pu.config.profile_defaults`, run when a config names the device): this package never
+imports the config.
 """
 
 from __future__ import annotations
@@ -197,14 +200,7 @@ def parse_profile(path: Path) -> DeviceProfile:
                       gpu_memory_gb=float(_field(det, "gpu_memory_gb", (int, float), where, 0)),
                       tegra=_field(det, "tegra", bool, where, False))
     defaults = _field(data, "defaults", dict, str(path), {})
-    profile = DeviceProfile(name=name, description=_field(data, "description", str, str(path)),
-                            memory_budget_gib=float(budget), preferred_backend=preferred,
-                            backends=backends, quant_formats=quants, limits=Limits(**lim),
-                            defaults=defaults, detect=rule, source=str(path))
-    from ..config import build_config  # late: config imports this package lazily too
-
-    cfg = build_config([(f"{path} [defaults]", profile.config_defaults())])
-    bad = profile.problems(cfg)
-    if bad:
-        raise EdgePuError(f"{path}: its own [defaults] break its rules: {'; '.join(bad)}.")
-    return profile
+    return DeviceProfile(name=name, description=_field(data, "description", str, str(path)),
+                         memory_budget_gib=float(budget), preferred_backend=preferred,
+                         backends=backends, quant_formats=quants, limits=Limits(**lim),
+                         defaults=defaults, detect=rule, source=str(path))

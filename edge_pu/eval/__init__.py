@@ -4,7 +4,7 @@
 - `methods`: the compared methods and the adapter reset between them;
 - `baselines`: the SFT loss and the SFT / SPIN-style training loops;
 - `ranking`: Kendall tau of each ranker against the checker, per prompt;
-- `report`, `plots`: results.json, results.md and PNGs.
+- `results` (the numbers), `report`, `plots`: results.json, results.md and PNGs.
 Importing this package imports torch (through edge_pu.train), never matplotlib: the plots
 module is imported when plots are written.
 """

@@ -10,6 +10,8 @@ from typing import Any
 
 import matplotlib
 
+from .results import family_rows
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -44,8 +46,6 @@ def _by_method(r: dict[str, Any]) -> Any:
 
 
 def _by_family(r: dict[str, Any]) -> Any:
-    from .report import family_rows
-
     rows = family_rows(r)
     names, fams = list(rows), list(r["before"]["by_family"])
     grid = [[100 * rows[n][f] for f in fams] for n in names]

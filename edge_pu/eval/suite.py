@@ -314,7 +314,8 @@ def _run_eval(opts: EvalOptions, threads: int) -> dict[str, Any]:
                                      validation, sizes, stages, path_root, n_sft, n_pu, n_total,
                                      best_steps, bench, engine)
                 method_runs[m.name].append(run_method(m, ctx))
-        from .report import build_results, write_outputs
+        from .report import write_outputs
+        from .results import build_results
 
         results = build_results(
             opts=asdict(opts), sizes=sizes, cfg=config_to_dict(cfg), threads=threads,

@@ -58,7 +58,7 @@ def imported_gguf(model_dir: Path) -> Path | None:
 def import_student(source_dir: Path, fmt: str) -> tuple[Path, Path]:
     """(GGUF of type `fmt`, HF dir of exactly its dequantized weights), built once, cached."""
     from ..export.gguf_writer import write_gguf
-    from .student import cache_root, weights_tag
+    from .cache import cache_root, weights_tag
 
     fmt = check_import_format(fmt)
     name = f"{source_dir.name}-{weights_tag(source_dir)}-v{_VERSION}-{fmt}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .student import cache_root, publish_model, weights_tag
+from .cache import cache_root, publish_model, weights_tag
 
 
 def exact_cpu_compute(model: Any) -> int:

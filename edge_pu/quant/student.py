@@ -9,28 +9,13 @@ then sees exactly the dequantized weights that the GGUF holds.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 from ..errors import EdgePuError
 from ..gguf_header import file_type as gguf_file_type_id
+from .cache import cache_root, publish_model
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("EDGE_PU_CACHE") or Path.home() / ".cache" / "edge_pu"
-    return Path(root)
-
-
-def weights_tag(model_dir: Path) -> str:
-    """A short hash of a model dir's weight files (path, size, mtime): names derived copies in
-    the cache, so an edited or replaced student gets a fresh one."""
-    files = sorted(model_dir.glob("*.safetensors*"))
-    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def gguf_file_type(path: Path) -> str:
@@ -101,16 +86,3 @@ def _from_gguf(path: Path) -> Path:
     dense.generation_config = model.generation_config  # saved with it
     return publish_model(out, dense, tok, "edge_pu_source.json",
                          {"gguf": str(path.resolve()), "quant": gguf_file_type(path)})
-
-
-def publish_model(out: Path, model: Any, tokenizer: Any, marker: str, info: dict) -> Path:
-    """Save a derived model dir into the cache: written beside as `.tmp`, the marker file (what
-    callers test for) last, then renamed, so a killed process never leaves a dir that looks
-    complete."""
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / marker).write_text(json.dumps(info))
-    if not out.exists():
-        tmp.replace(out)
-    return out
