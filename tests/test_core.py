@@ -220,3 +220,16 @@ def test_pu_subset_is_seeded_fresh_each_round_and_all_by_default() -> None:
     assert pu_subset(ids, 3, 0, 1) == want and len(want) == 3
     assert pu_subset(set(sorted(ids, reverse=True)), 3, 0, 1) == want
     assert pu_subset(ids, 3, 0, 2) != want  # round 2 draws other prompts
+
+
+def test_early_stopping_holds_back_a_share_of_anchors_by_id() -> None:
+    """sft.val_fraction 0.25 of 8 anchors: round(2.0) = 2 held back, the two ids with the
+    smallest sha256; never none (0.01 -> 1) and never all (0.99 of 2 -> 1)."""
+    import hashlib
+
+    from edge_pu.sft import held_back
+
+    ids = [f"a{i}" for i in range(8)]
+    want = set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:2])
+    assert held_back(ids, 0.25) == want == held_back(list(reversed(ids)), 0.25)
+    assert len(held_back(ids, 0.01)) == 1 and len(held_back(["x", "y"], 0.99)) == 1
