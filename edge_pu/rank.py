@@ -166,17 +166,24 @@ def random_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig
 
 def reward_scores(backend: Backend, items: Sequence[RankItem], cfg: RankerConfig,
                   use_anchor: bool = True) -> list[list[float]]:
-    from .rewards import call_rewards, tiebreak
+    from .rewards import tiebreak
 
-    rows = [(it, j) for it in items for j in range(len(it.texts))]
-    flat = call_rewards(cfg.reward_funcs, cfg.reward_weights, [it.chat for it, _ in rows],
-                        [it.texts[j] for it, j in rows], [it.candidates[j] for it, j in rows],
-                        [it.prompt_id for it, _ in rows])
-    out = _regroup(flat, items)
+    out = candidate_rewards(cfg, items)
     if cfg.reward_tiebreak:
         own = RANKERS[cfg.reward_tiebreak](backend, items, cfg, use_anchor=use_anchor)
         out = [tiebreak(r, s) for r, s in zip(out, own, strict=True)]
     return out
+
+
+def candidate_rewards(cfg: RankerConfig, items: Sequence[RankItem]) -> list[list[float]]:
+    """Every item's candidates scored by the reward functions, in one call per function."""
+    from .rewards import call_rewards
+
+    rows = [(it, j) for it in items for j in range(len(it.texts))]
+    return _regroup(call_rewards(cfg.reward_funcs, cfg.reward_weights,
+                                 [it.chat for it, _ in rows], [it.texts[j] for it, j in rows],
+                                 [it.candidates[j] for it, j in rows],
+                                 [it.prompt_id for it, _ in rows]), items)
 
 
 def anchor_rewards(cfg: RankerConfig, items: Sequence[RankItem]) -> list[float]:
@@ -196,16 +203,8 @@ def anchor_gate(cfg: RankerConfig, check: str, items: Sequence[RankItem],
     is not pushed)."""
     if not cfg.reward_funcs or check == "none":
         return {it.prompt_id for it in items}
-    if cfg.mode == "reward" and not cfg.reward_tiebreak:
-        cand = [scores[it.prompt_id] for it in items]
-    else:
-        from .rewards import call_rewards
-
-        rows = [(it, j) for it in items for j in range(len(it.texts))]
-        cand = _regroup(call_rewards(cfg.reward_funcs, cfg.reward_weights,
-                                     [it.chat for it, _ in rows], [it.texts[j] for it, j in rows],
-                                     [it.candidates[j] for it, j in rows],
-                                     [it.prompt_id for it, _ in rows]), items)
+    cand = ([scores[it.prompt_id] for it in items] if cfg.mode == "reward"
+            and not cfg.reward_tiebreak else candidate_rewards(cfg, items))
     return {it.prompt_id for it, a, c in zip(items, anchor_rewards(cfg, items), cand,
                                              strict=True) if a >= max(c) - 1e-9}
 
