@@ -106,8 +106,8 @@ class Stages:
             cuda.synchronize()
             if outermost:
                 cuda.reset_peak_memory_stats()
-        start = rss_bytes()
         exact = outermost and reset_peak()
+        start = rss_bytes()  # read after the reset: memory freed in between would put it above
         _open[0] += 1
         t0 = time.perf_counter()
         info: dict[str, Any] = dict(extra)
@@ -118,7 +118,9 @@ class Stages:
             if cuda is not None:
                 cuda.synchronize()
             seconds = time.perf_counter() - t0
-            peak = max(peak_rss_bytes(), rss_bytes())
+            # The stage began at `start`, so its peak is at least that (the kernel's mark is
+            # page-granular and a concurrent free can leave it a page below).
+            peak = max(peak_rss_bytes(), rss_bytes(), start)
             self.records.append(StageStats(
                 name, round(seconds, 3), round(start / MB, 1), round(peak / MB, 1),
                 round(max(0, peak - start) / MB, 1), exact,

@@ -42,7 +42,7 @@ from .config import RunConfig, config_to_dict, dump_config
 from .data import Prompt, check_prompt_lengths, load_data, prompt_ids
 from .errors import EdgePuError, NothingToTrain
 from .jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl_atomic
-from .measure import MB, Stages
+from .measure import Stages
 from .teachers import make_teacher
 
 # Sections whose change leaves earlier stages valid (export re-runs from the adapter).
@@ -128,8 +128,10 @@ def _seed(*parts: object) -> int:
 
 
 def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: set[str],
-                 run_dir: Path, round_idx: int, sampler: Any = None) -> dict[str, list[dict]]:
-    """K candidates per anchored prompt, drawn by `sampler` (default: the backend itself)."""
+                 run_dir: Path, round_idx: int, sampler: Any = None,
+                 info: dict[str, Any] | None = None) -> dict[str, list[dict]]:
+    """K candidates per anchored prompt, drawn by `sampler` (default: the backend itself).
+    `info` (a meter stage's record) gets `resumed: true` when every candidate came from disk."""
     from .train import pu_subset
 
     sampler = sampler or backend
@@ -153,6 +155,8 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
     merge()
     have = read()
     todo = [p for p in prompts if p.id in anchored and len(have[p.id]) < cfg.sampling.k]
+    if info is not None:
+        info["resumed"] = not todo
     mine, out = dist.shard(todo), dist.shard_path(path)  # each prompt's seed is its own
     step = cfg.sampling.prompt_batch
     with tqdm(total=len(mine), desc=f"sample r{round_idx}", unit="prompt") as bar:
@@ -176,8 +180,9 @@ def sample_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], anchored: 
 
 
 def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors: dict[str, str],
-               cands: dict[str, list[dict]], run_dir: Path, round_idx: int
-               ) -> dict[str, list[float]]:
+               cands: dict[str, list[dict]], run_dir: Path, round_idx: int,
+               info: dict[str, Any] | None = None) -> dict[str, list[float]]:
+    """The ranker's scores of every prompt's candidates; `info` as in sample_round."""
     from .rank import RANKERS, RankItem  # torch-free, but keeps `edge-pu anchors` light
 
     path = run_dir / "scores.jsonl"
@@ -190,7 +195,10 @@ def rank_round(backend: Any, cfg: RunConfig, prompts: dict[str, Prompt], anchors
     merge()
     scores = {r["prompt_id"]: r["scores"] for r in read_jsonl(path) if r["round"] == round_idx}
     ranker = RANKERS[cfg.ranker.mode]
-    todo, out = dist.shard([pid for pid in cands if pid not in scores]), dist.shard_path(path)
+    missing = [pid for pid in cands if pid not in scores]
+    if info is not None:
+        info["resumed"] = not missing
+    todo, out = dist.shard(missing), dist.shard_path(path)
     step = max(1, cfg.ranker.batch_size // cfg.sampling.k)
     for s in tqdm(range(0, len(todo), step), desc=f"rank r{round_idx}", unit="batch"):
         items = [RankItem(pid, prompts[pid], anchors[pid],
@@ -254,7 +262,8 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
             from .sft import run_sft
 
             ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
-            with meter.stage("sft"):
+            with meter.stage("sft") as info:
+                info["resumed"] = (run_dir / "state" / "sft" / "COMPLETE").exists()
                 result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
             dist.barrier()  # rank 0 has saved the SFT state
             if sampler is not None:  # round 1 samples from the SFT policy
@@ -288,6 +297,8 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
     if not main:  # the adapter, summary and exports are rank 0's to write
         return result
     backend.save_adapter(run_dir / "adapter")
+    from .planner.measured import stage_memory
+
     summary = {"seconds": round(result.seconds, 1), "prompts": len(prompts),
                "anchored": len(anchors), "teacher_requests_total":
                AnchorStore(run_dir).requests_made(), "sft": result.sft, "rounds": result.rounds,
@@ -304,36 +315,6 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"[done] adapter in {run_dir / 'adapter'} ({result.seconds:.0f}s)", flush=True)
     return result
-
-
-def stage_memory(cfg: RunConfig, backend: Any, meter: Stages) -> dict[str, Any]:
-    """summary.json's `stages` (each stage's seconds and peak RSS) and `memory_plan` (the
-    planner's predicted peak per stage, runtime included, for this config), printed side by
-    side. The prediction is for RSS, so it is compared on the CPU backend only."""
-    out: dict[str, Any] = {"stages": meter.as_list()}
-    predicted: dict[str, float] = {}
-    if getattr(backend, "name", "") == "cpu":
-        from .planner import model_config_path, plan
-
-        try:
-            p = plan(cfg, model_config_path(cfg.student.path), budget_bytes=2**62,
-                     backend="cpu")
-            predicted = {st.name: round((st.total + p.runtime_bytes) / MB, 1)
-                         for st in p.stages}
-        except (EdgePuError, OSError, ValueError, KeyError):
-            predicted = {}  # a student the planner cannot size: measured numbers only
-        out["memory_plan"] = predicted
-    lines = []
-    for rec in out["stages"]:
-        want = predicted.get(rec["name"])
-        vs = (f", planned {want:,.0f} MiB ({rec['peak_rss_mb'] / want - 1:+.0%})"
-              if want else "")
-        lines.append(f"  {rec['name']:<10} {rec['seconds']:>8.1f} s  peak RSS "
-                     f"{rec['peak_rss_mb']:>8,.0f} MiB{vs}"
-                     + ("" if rec["peak_exact"] else " (upper bound)"))
-    if lines:
-        print("[stages] wall time and peak memory:\n" + "\n".join(lines), flush=True)
-    return out
 
 
 def scorer(backend: Any, cfg: RunConfig, engine: Any) -> Any:
@@ -370,11 +351,11 @@ def _one_round(backend: Any, cfg: RunConfig, prompts: list[Prompt], by_id: dict[
     from .sft import anchor_completion
     from .train import attach_logprobs, build_units, pair_accuracy, train
 
-    with meter.stage("sample", round=r):
-        cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler)
-    with meter.stage("rank", round=r):
+    with meter.stage("sample", round=r) as info:
+        cands = sample_round(backend, cfg, prompts, set(anchors), run_dir, r, sampler, info)
+    with meter.stage("rank", round=r) as info:
         scores = rank_round(scorer(backend, cfg, sampler), cfg, by_id, anchors, cands,
-                            run_dir, r)
+                            run_dir, r, info)
     ids = {pid: prompt_ids(backend, by_id[pid]) for pid in cands}
     gate = anchor_gate(cfg.ranker, cfg.train.anchor_check, [RankItem(
         pid, by_id[pid], anchors[pid], [c["token_ids"] for c in cs], [c["text"] for c in cs])

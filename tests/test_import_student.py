@@ -135,3 +135,41 @@ def test_imported_samples_repeat_and_do_not_depend_on_company(imported_pair) -> 
     assert sampler.sample(ids, 3, cfg, [11, 12, 13, 14, 15]) == a
     assert sampler.sample(ids[2:], 3, cfg, [13, 14, 15]) == a[2:]  # other company, same seeds
     assert len({tuple(x.token_ids) for x in a[0]}) > 1  # K candidates differ from one another
+
+
+def test_import_as_auto_imports_a_q4_1_gguf_only_where_llama_cpp_samples_it(
+        tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`auto` (the default) picks q8_0 for a GGUF whose matrices are mostly Q4_1 when llama.cpp
+    samples it, and keeps the student's own weights for the torch sampler, for NF4, for an HF
+    folder and for a q8_0 file; an explicit value wins. The resolved config holds the choice."""
+    from edge_pu.config import RunConfig, StudentConfig, dump_config
+    from edge_pu.export.gguf_writer import iter_safetensors, write_gguf
+    from edge_pu.quant.auto import import_as_for, matrix_types
+
+    q41 = write_gguf(tiny_llama_dir, tmp_path / "tiny.Q4_1.gguf", "q4_1")
+    q80 = write_gguf(tiny_llama_dir, tmp_path / "tiny.q8_0.gguf", "q8_0")
+    counts = matrix_types(q41)
+    # Every 2-D tensor of the source is one matrix of the file (the tied lm_head is not written).
+    src = {n: a for n, a in iter_safetensors(tiny_llama_dir)
+           if a.ndim == 2 and n != "lm_head.weight"}
+    assert sum(counts.values()) == sum(a.size for a in src.values())
+    assert counts["q4_1"] * 2 > sum(counts.values())
+
+    def chosen(path: Path, **sections: dict) -> str:
+        base = {"student": {"path": str(path), **sections.pop("student", {})}, **sections}
+        return load_config(None, base=base).student.import_as
+
+    llama = {"sampling": {"engine": "llama-cpp"}, "backend": "cpu"}
+    assert chosen(q41, **llama) == "q8_0"
+    assert chosen(q41, backend="cpu") == ""  # the torch sampler: nothing to gain
+    assert chosen(q41, student={"quant": "nf4"}, **llama) == ""  # NF4 chooses the weights
+    assert chosen(q80, **llama) == ""  # already a type with batched kernels
+    assert chosen(tiny_llama_dir, **llama) == ""  # an HF folder: an exact f32 copy
+    assert chosen(q41, student={"import_as": ""}, **llama) == ""  # explicit values win
+    assert chosen(q80, student={"import_as": "f16"}, **llama) == "f16"
+    cfg = load_config(None, base={"student": {"path": str(q41)}, **llama})
+    assert "import_as: q8_0" in dump_config(cfg)  # config.resolved.yaml records the choice
+    # A RunConfig built in code (no build_config) gets the same choice where it is used.
+    direct = RunConfig(student=StudentConfig(path=str(q41)), sampling=SamplingConfig(
+        engine="llama-cpp"))
+    assert direct.student.import_as == "auto" and import_as_for(direct) == "q8_0"

@@ -168,3 +168,10 @@ def test_edge_pu_has_no_import_cycles():
     assert not cycles, "import cycles (a -> b means a imports b):\n" + "\n".join(
         " -> ".join(c) for c in cycles
     )
+
+
+def test_no_file_in_edge_pu_is_over_500_lines():
+    """The project's own limit (issue 26): each file readable alone."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted(ROOT.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"files over 500 lines: {long}"

@@ -247,3 +247,32 @@ def test_two_stage_adapter_is_one_lora_on_the_original_base(dpo_run, tiny_llama_
         got = [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(comp)]
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
     assert max(abs(a - b) for a, b in zip(policy, reference, strict=True)) > 1e-3
+
+
+def test_a_resumed_stage_is_marked_and_left_out_of_the_plan_comparison(
+        dpo_run, tmp_path: Path) -> None:
+    """A run killed during round 1's training: its rerun reads the SFT state, the candidates
+    and the scores back from disk. Those stages say `resumed: true` and have no plan-vs-measured
+    ratio; reference and train ran again and keep theirs. The first run resumed nothing."""
+    import dataclasses
+    import shutil
+
+    cfg = dataclasses.replace(dpo_run[0], run_dir=str(tmp_path / "fresh"))
+    run(cfg)
+    first = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    assert not any(st.get("resumed") for st in first["stages"])
+    assert {"sft", "sample r1", "rank r1", "train r1"} <= set(first["plan_vs_measured"])
+    # The same run dir as it stood before round 1 finished training.
+    killed = tmp_path / "killed"
+    shutil.copytree(cfg.run_dir, killed)
+    shutil.rmtree(killed / "state" / "round-1")
+    metrics = [m for m in read_jsonl(killed / "metrics.jsonl")
+               if m.get("round") != 1 and m.get("event") != "round_end"]
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (killed / "summary.json").unlink()
+    run(dataclasses.replace(cfg, run_dir=str(killed)))
+    summary = json.loads((killed / "summary.json").read_text())
+    resumed = {st["name"]: st.get("resumed") for st in summary["stages"]}
+    assert resumed == {"load": None, "sft": True, "sample": True, "rank": True,
+                       "reference": None, "train": None}
+    assert set(summary["plan_vs_measured"]) == {"load", "reference r1", "train r1"}

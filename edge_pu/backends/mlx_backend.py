@@ -75,11 +75,12 @@ class MLXBackend(MLXSampling, MLXLogprobs):
         from mlx_lm.utils import load_config, load_model
         from transformers import AutoTokenizer
 
+        from ..quant.auto import import_as_for
         from ..quant.student import resolve_student
 
         self.cfg = cfg
         self.student_dir, source_quant = resolve_student(cfg.student.path,
-                                                         cfg.student.import_as)
+                                                         import_as_for(cfg))
         trust = cfg.student.trust_remote_code
         try:
             self.tok = AutoTokenizer.from_pretrained(self.student_dir, trust_remote_code=trust)

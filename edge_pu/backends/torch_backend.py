@@ -63,6 +63,7 @@ class TorchBackend(TorchSampling, TorchLogprobs):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..planner import cpu_allocator_threshold, pin_cpu_allocator
+        from ..quant.auto import import_as_for
         from ..quant.student import resolve_student
 
         if self.device.type == "cpu":
@@ -72,7 +73,7 @@ class TorchBackend(TorchSampling, TorchLogprobs):
                 pin_cpu_allocator(threshold)
         self.cfg = cfg
         self.student_dir, source_quant = resolve_student(cfg.student.path,
-                                                         cfg.student.import_as)
+                                                         import_as_for(cfg))
         dtype = getattr(torch, cfg.student.dtype)
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
                                   "trust_remote_code": cfg.student.trust_remote_code}

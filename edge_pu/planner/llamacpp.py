@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..model_shape import ModelShape
+from ..quant.auto import import_as_for
 from .torch_terms import lora_params
 
 # = edge_pu.backends.llamacpp_sampler's (a test checks): llama.cpp's sequence limit, the rows
@@ -32,8 +33,9 @@ IMPORT_BYTES = {"q8_0": 34 / 32, "q4_0": 18 / 32, "f16": 2.0}  # per weight, stu
 def llamacpp_bytes(cfg: RunConfig, s: ModelShape, T: int, C: int) -> int:
     """Resident bytes of the llama.cpp sampler once it has decoded (see the module docstring)."""
     k = cfg.sampling.k
-    if cfg.student.import_as:
-        gguf, kv_e = int(s.param_count() * IMPORT_BYTES.get(cfg.student.import_as, 2.0)), 2
+    import_as = import_as_for(cfg)
+    if import_as:
+        gguf, kv_e = int(s.param_count() * IMPORT_BYTES.get(import_as, 2.0)), 2
     elif s.gguf:
         gguf, kv_e = s.file_bytes, 2
     else:  # an HF folder is sampled from an f32 copy, with an f32 KV cache
