@@ -99,7 +99,7 @@ def init(backend: str) -> World:
     if env.size == 1 or _world.size > 1:
         return _world
     if backend == "auto":
-        from .backends import detect
+        from .hardware import detect
 
         backend = detect()
     if backend not in ("cpu", "cuda"):

@@ -1,18 +1,13 @@
-"""Backend registry with detection that never imports a heavy framework.
-
-`detect()` looks for an NVIDIA driver and for mlx on Apple Silicon with importlib's finder and
-the file system only; `make_backend(name)` imports the chosen backend's module on first use.
+"""Backend registry: `make_backend(name)` imports the chosen backend's module on first use (by
+string, so this package imports no framework); `detect()` (edge_pu.hardware) picks for "auto".
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
-import platform
-import shutil
 
 from ..errors import EdgePuError
+from ..hardware import detect, has_module, nvidia_present
 from .base import Backend, Sample, TrainBatch
 
 REGISTRY: dict[str, str] = {
@@ -23,29 +18,12 @@ REGISTRY: dict[str, str] = {
 NEEDS = {"cpu": "torch", "cuda": "torch", "mlx": "mlx"}
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def available() -> list[str]:
     """Backends whose framework is installed here (mlx counts on Linux too, as MLX CPU)."""
-    found = [name for name, mod in NEEDS.items() if _has(mod)]
+    found = [name for name, mod in NEEDS.items() if has_module(mod)]
     if "cuda" in found and not nvidia_present():
         found.remove("cuda")
     return found
-
-
-def nvidia_present() -> bool:
-    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
-
-
-def detect() -> str:
-    """cuda if an NVIDIA GPU and torch; mlx on Apple Silicon with mlx; else cpu."""
-    if nvidia_present() and _has("torch"):
-        return "cuda"
-    if platform.system() == "Darwin" and platform.machine() == "arm64" and _has("mlx"):
-        return "mlx"
-    return "cpu"
 
 
 def make_backend(name: str = "auto") -> Backend:
@@ -53,7 +31,7 @@ def make_backend(name: str = "auto") -> Backend:
         name = detect()
     if name not in REGISTRY:
         raise EdgePuError(f"config: backend {name!r} is not one of auto, {', '.join(REGISTRY)}.")
-    if not _has(NEEDS[name]):
+    if not has_module(NEEDS[name]):
         extra = "mlx" if name == "mlx" else "torch"
         raise EdgePuError(f"backend {name!r} needs {NEEDS[name]}, which is not installed: "
                           f"pip install 'edge-pu[{extra}]'.")
@@ -61,4 +39,5 @@ def make_backend(name: str = "auto") -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Backend", "Sample", "TrainBatch", "available", "detect", "make_backend", "REGISTRY"]
+__all__ = ["Backend", "Sample", "TrainBatch", "available", "detect", "make_backend",
+           "nvidia_present", "REGISTRY"]

@@ -150,6 +150,6 @@ def _fit_train(st: Settings, ok: Callable[[Settings], bool]) -> Settings:
 def backend_name(cfg: RunConfig) -> str:
     if cfg.backend != "auto":
         return cfg.backend
-    from ..backends import detect
+    from ..hardware import detect
 
     return detect()
