@@ -187,11 +187,10 @@ def run_demo(*, algorithm: str = "grpo", run_dir: str = "runs/demo", student: st
         # The trained adapter must survive deployment: the gate compares each artifact with the
         # merged model on the held-out prompts, greedy for as many tokens as the evaluation.
         from .export import export as export_artifact
-        from .quant.auto import import_as_for
 
         report["exports"] = {}
         # The weights the adapter was trained on: an imported student's are its dequantization.
-        base_weights = str(backend.student_dir) if import_as_for(cfg) else cfg.student.path
+        base_weights = str(backend.student_dir) if cfg.student.import_as else cfg.student.path
         for fmt, quant in (("gguf", "q8_0"), ("onnx", None)):
             gate = export_artifact((base_weights, out / "adapter"), fmt,
                                    out / "export" / fmt, quant=quant,

@@ -263,8 +263,7 @@ def run(cfg: RunConfig, *, restart: bool = False, backend: Any = None,
 
             ids = {pid: prompt_ids(backend, by_id[pid]) for pid in anchors}
             with meter.stage("sft") as info:
-                info["resumed"] = (run_dir / "state" / "sft" / "COMPLETE").exists()
-                result.sft = run_sft(backend, cfg, ids, anchors, run_dir)
+                result.sft = run_sft(backend, cfg, ids, anchors, run_dir, info)
             dist.barrier()  # rank 0 has saved the SFT state
             if sampler is not None:  # round 1 samples from the SFT policy
                 sampler.sync(True, "sft")

@@ -97,14 +97,18 @@ def train_sft(backend: Any, prompt_ids: dict[str, list[int]], anchors: dict[str,
 
 
 def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
-            anchors: dict[str, str], run_dir: Path) -> dict[str, Any]:
+            anchors: dict[str, str], run_dir: Path,
+            info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) the SFT stage; returns its diagnostics. See the module docstring.
+    `info` (a meter stage's record) gets `resumed: true` when the finished state was on disk.
 
     In a torchrun job every rank trains (each step's micro-batches split over the ranks by the
     backend) and rank 0 alone writes the metrics and the state."""
     state = run_dir / "state" / "sft"
     main = dist.world().main
     mpath = run_dir / "metrics.jsonl"
+    if info is not None:
+        info["resumed"] = (state / "COMPLETE").exists()
     if (state / "COMPLETE").exists():
         backend.load_adapter(state / "adapter")
         backend.set_reference()
