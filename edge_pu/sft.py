@@ -107,9 +107,10 @@ def run_sft(backend: Any, cfg: RunConfig, prompt_ids: dict[str, list[int]],
     state = run_dir / "state" / "sft"
     main = dist.world().main
     mpath = run_dir / "metrics.jsonl"
+    done = (state / "COMPLETE").exists()
     if info is not None:
-        info["resumed"] = (state / "COMPLETE").exists()
-    if (state / "COMPLETE").exists():
+        info["resumed"] = done
+    if done:
         backend.load_adapter(state / "adapter")
         backend.set_reference()
         backend.reset_optimizer(cfg.train)
